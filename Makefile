@@ -1,0 +1,22 @@
+# Two entry points; both create ./.venv on first use (only Python 3.11 and pip needed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Whole test suite (doctests of dplh_jax included), CPU only.
+test: $(STAMP)
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest tests dplh_jax -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

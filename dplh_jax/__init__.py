@@ -1,0 +1,1 @@
+"""dplh-jax: differentially private multi-task face learning in JAX."""
