@@ -1,0 +1,310 @@
+"""DP-SGD gradient aggregation as an optax transform: clip, sum, noise, scale.
+
+This module depends only on jax and optax, so it can be copied or imported
+into any training loop.
+
+The guarantee. Let ``g_i`` be the gradient of example ``i`` (in dplh-jax one
+example is one image with all its proposals). ``dp_aggregate`` computes::
+
+    clipped_sum = sum_i  g_i * min(1, C / ||g_i||_2)     (padding and non-finite: 0)
+    update      = (clipped_sum + N(0, (sigma * C)^2 I)) / expected_batch_size
+
+where the norm is the global L2 norm over every leaf of the gradient pytree.
+Adding or removing one example changes ``clipped_sum`` by at most ``C`` in L2
+norm, so each call is a Gaussian mechanism with noise multiplier ``sigma``. If
+the batch was drawn by Poisson sampling with rate ``q`` (each example included
+independently), each call is a Poisson-subsampled Gaussian mechanism, and
+``T`` calls compose as ``SelfComposedDpEvent(PoissonSampledDpEvent(q,
+GaussianDpEvent(sigma)), T)`` under add-or-remove-one adjacency. That is what
+the accountant must be told; anything else (fixed-size shuffled batches,
+dividing by the realized batch size, reusing a noise key) breaks the
+assumption.
+"""
+
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+
+
+class ClippedSum(NamedTuple):
+  """The clipped per-example gradient sum of a batch, before noise.
+
+  Every field is additive, so sums of chunks (microbatches, devices) are
+  combined with ``jax.tree.map(jnp.add, a, b)`` or ``jax.lax.psum``; noise is
+  then added once to the total.
+
+  Attributes:
+    grad_sum: Sum of clipped per-example gradients, float32 leaves. Its L2
+      sensitivity to adding or removing one example is ``l2_norm_clip``.
+    num_examples: Real (non-padding) examples seen, finite or not.
+    num_clipped: Real finite examples whose norm exceeded the clip.
+    num_non_finite: Real examples with a NaN/Inf gradient; they contribute 0.
+  """
+
+  grad_sum: PyTree
+  num_examples: jax.Array
+  num_clipped: jax.Array
+  num_non_finite: jax.Array
+
+
+class DpAggregateState(NamedTuple):
+  """State of :func:`dp_aggregate`.
+
+  The statistics describe the latest update. They are computed from private
+  data without noise: log them for debugging, but do not publish them as if
+  they were covered by the privacy guarantee.
+
+  Attributes:
+    noise_key: Key that the next update splits; never used to draw noise.
+    num_updates: Number of noise draws so far (one per update).
+    realized_batch_size: Non-padding examples in the latest update.
+    clipped_fraction: Fraction of those whose gradient norm exceeded the clip.
+    num_non_finite: Examples with non-finite gradients dropped in the latest
+      update.
+    total_non_finite: Examples with non-finite gradients dropped in all
+      updates so far.
+  """
+
+  noise_key: jax.Array
+  num_updates: jax.Array
+  realized_batch_size: jax.Array
+  clipped_fraction: jax.Array
+  num_non_finite: jax.Array
+  total_non_finite: jax.Array
+
+
+def canonicalize_key(key: jax.Array | int) -> jax.Array:
+  """Returns a typed PRNG key from an int seed, a raw uint32 key or a typed key."""
+  if isinstance(key, numbers.Integral):
+    return jax.random.key(int(key))
+  if not isinstance(key, (jax.Array, np.ndarray)):
+    raise TypeError(f'key must be an int seed or a JAX PRNG key, got {key!r}.')
+  key = jnp.asarray(key)
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if key.dtype == jnp.uint32:
+    return jax.random.wrap_key_data(key)
+  raise TypeError(
+      f'key must be an int seed or a JAX PRNG key, got dtype {key.dtype}.')
+
+
+def clip_and_sum(
+    per_example_grads: PyTree,
+    l2_norm_clip: float,
+    is_padding_example: jax.Array | None = None,
+) -> ClippedSum:
+  """Clips each example's gradient to global L2 norm ``l2_norm_clip`` and sums.
+
+  Guarantee: the returned ``grad_sum`` changes by at most ``l2_norm_clip`` in
+  L2 norm when one real example is added or removed. Padding examples and
+  examples with any NaN/Inf entry contribute exactly zero (they are selected
+  away with ``where``, so a NaN cannot leak into the sum through ``0 * NaN``).
+  A finite gradient whose squared norm overflows float32 gets scale 0.
+
+  Args:
+    per_example_grads: Pytree whose leaves share a leading example axis.
+    l2_norm_clip: Clipping norm ``C`` > 0.
+    is_padding_example: Optional bool vector over the example axis; True
+      marks padding.
+
+  Returns:
+    The clipped sum (float32 leaves) and example counts.
+  """
+  leaves = jax.tree.leaves(per_example_grads)
+  if not leaves:
+    raise ValueError('per_example_grads has no leaves.')
+  num_examples = leaves[0].shape[0]
+  for leaf in leaves:
+    if leaf.ndim == 0 or leaf.shape[0] != num_examples:
+      raise ValueError(
+          'Every leaf of per_example_grads needs the same leading example '
+          f'axis of size {num_examples}; got a leaf of shape {leaf.shape}.')
+  if is_padding_example is None:
+    is_real = jnp.ones((num_examples,), dtype=bool)
+  else:
+    if is_padding_example.shape != (num_examples,):
+      raise ValueError(
+          f'is_padding_example has shape {is_padding_example.shape}, '
+          f'expected ({num_examples},).')
+    is_real = jnp.logical_not(is_padding_example)
+
+  def per_example(fn, leaf):
+    return fn(leaf.reshape(num_examples, -1).astype(jnp.float32), axis=1)
+
+  sq_norms = sum(per_example(jnp.sum, jnp.square(g.astype(jnp.float32)))
+                 for g in leaves)
+  is_finite = jnp.ones((num_examples,), dtype=bool)
+  for g in leaves:
+    is_finite &= per_example(jnp.all, jnp.isfinite(g))
+  keep = is_real & is_finite
+  norms = jnp.sqrt(sq_norms)
+  # min(1, C/norm); an overflowed norm (inf) gives 0, a zero norm gives 1.
+  scale = jnp.where(keep, jnp.minimum(1.0, l2_norm_clip / norms), 0.0)
+
+  def weighted_sum(g):
+    g = g.astype(jnp.float32)
+    mask = keep.reshape((-1,) + (1,) * (g.ndim - 1))
+    return jnp.tensordot(scale, jnp.where(mask, g, 0.0), axes=1)
+
+  return ClippedSum(
+      grad_sum=jax.tree.map(weighted_sum, per_example_grads),
+      num_examples=jnp.sum(is_real, dtype=jnp.int32),
+      num_clipped=jnp.sum(keep & (norms > l2_norm_clip), dtype=jnp.int32),
+      num_non_finite=jnp.sum(is_real & ~is_finite, dtype=jnp.int32),
+  )
+
+
+def add_noise(
+    grad_sum: PyTree, noise_std: float, key: jax.Array
+) -> PyTree:
+  """Adds independent N(0, noise_std^2) float32 noise to every entry."""
+  leaves, treedef = jax.tree.flatten(grad_sum)
+  keys = jax.random.split(key, len(leaves))
+  noised = [
+      g.astype(jnp.float32)
+      + noise_std * jax.random.normal(k, g.shape, dtype=jnp.float32)
+      for g, k in zip(leaves, keys)
+  ]
+  return jax.tree.unflatten(treedef, noised)
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
+  value = float(value)
+  if not (value >= 0 if allow_zero else value > 0) or value == float('inf'):
+    bound = '>= 0' if allow_zero else '> 0'
+    raise ValueError(f'{name} must be finite and {bound}, got {value}.')
+  return value
+
+
+def dp_aggregate(
+    l2_norm_clip: float,
+    noise_multiplier: float,
+    expected_batch_size: int,
+    key: jax.Array | int,
+) -> optax.GradientTransformationExtraArgs:
+  """DP-SGD aggregation: clip per example, sum, add Gaussian noise once, scale.
+
+  ``update(per_example_grads, state, params=None, *, is_padding_example=None)``
+  takes gradients with a leading example axis on every leaf (for instance from
+  ``jax.vmap(jax.grad(loss))``), or a :class:`ClippedSum` already computed in
+  microbatches or across devices, and returns::
+
+      (sum_i clip_C(g_i) + N(0, (noise_multiplier * C)^2 I)) / expected_batch_size
+
+  Guarantee: the clipped sum has L2 sensitivity ``C = l2_norm_clip`` to adding
+  or removing one example; the noise is drawn in float32 with a fresh key on
+  every call; dividing by the public constant ``expected_batch_size`` (never
+  the realized count, which depends on the data) is post-processing. With
+  Poisson sampling at rate ``q``, each call is the dp-accounting event
+  ``PoissonSampledDpEvent(q, GaussianDpEvent(noise_multiplier))``; the caller
+  must compose exactly one such event per call.
+
+  It must be the first transform of a chain, since later ones expect a single
+  (aggregated) gradient:
+
+  >>> import jax, jax.numpy as jnp, optax
+  >>> tx = optax.chain(dp_aggregate(1.0, 1.1, expected_batch_size=4, key=0),
+  ...                  optax.adam(1e-3))
+  >>> params = {'w': jnp.zeros(3)}
+  >>> state = tx.init(params)
+  >>> per_example = {'w': jnp.ones((4, 3))}  # 4 examples
+  >>> padding = jnp.array([False, False, False, True])
+  >>> updates, state = jax.jit(tx.update)(
+  ...     per_example, state, params, is_padding_example=padding)
+  >>> updates['w'].shape
+  (3,)
+  >>> int(state[0].realized_batch_size), float(state[0].clipped_fraction)
+  (3, 1.0)
+
+  Args:
+    l2_norm_clip: Clipping norm ``C`` > 0 of each example's whole gradient.
+    noise_multiplier: ``sigma`` >= 0; the noise std on the sum is ``sigma*C``.
+    expected_batch_size: Public divisor ``q * num_examples`` > 0.
+    key: JAX PRNG key or int seed for the noise. Keep it secret; a resumed run
+      must restore the state's ``noise_key`` rather than pass the same key.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`DpAggregateState`.
+  """
+  l2_norm_clip = _check_positive('l2_norm_clip', l2_norm_clip)
+  noise_multiplier = _check_positive(
+      'noise_multiplier', noise_multiplier, allow_zero=True)
+  expected_batch_size = _check_positive(
+      'expected_batch_size', expected_batch_size)
+  noise_std = noise_multiplier * l2_norm_clip
+  initial_key = canonicalize_key(key)
+
+  def init_fn(params):
+    del params
+    zero = jnp.zeros((), jnp.int32)
+    return DpAggregateState(
+        noise_key=initial_key, num_updates=zero, realized_batch_size=zero,
+        clipped_fraction=jnp.zeros((), jnp.float32), num_non_finite=zero,
+        total_non_finite=zero)
+
+  def update_fn(updates, state, params=None, *, is_padding_example=None,
+                **extra_args):
+    del params, extra_args
+    if isinstance(updates, ClippedSum):
+      if is_padding_example is not None:
+        raise ValueError('Pass is_padding_example to clip_and_sum, not with a '
+                         'ClippedSum.')
+      clipped, like = updates, updates.grad_sum
+    else:
+      clipped = clip_and_sum(updates, l2_norm_clip, is_padding_example)
+      like = updates
+    noise_key, next_key = jax.random.split(state.noise_key)
+    noised_sum = add_noise(clipped.grad_sum, noise_std, noise_key)
+    # Divide in float32, then return each leaf in its gradient's dtype.
+    mean = jax.tree.map(lambda g, ref: (g / expected_batch_size).astype(ref.dtype),
+                        noised_sum, like)
+    new_state = DpAggregateState(
+        noise_key=next_key,
+        num_updates=state.num_updates + 1,
+        realized_batch_size=clipped.num_examples,
+        clipped_fraction=clipped.num_clipped
+        / jnp.maximum(clipped.num_examples - clipped.num_non_finite, 1),
+        num_non_finite=clipped.num_non_finite,
+        total_non_finite=state.total_non_finite + clipped.num_non_finite,
+    )
+    return mean, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def dpsgd(
+    learning_rate: optax.ScalarOrSchedule,
+    l2_norm_clip: float,
+    noise_multiplier: float,
+    expected_batch_size: int,
+    key: jax.Array | int,
+    momentum: float | None = None,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """DP-SGD: :func:`dp_aggregate` followed by SGD (with optional momentum).
+
+  The same guarantee and accountant assumptions as :func:`dp_aggregate`;
+  momentum is post-processing of the noised gradients.
+
+  Args:
+    learning_rate: Step size or schedule.
+    l2_norm_clip: Per-example clipping norm ``C``.
+    noise_multiplier: Noise std on the clipped sum divided by ``C``.
+    expected_batch_size: Public divisor ``q * num_examples``.
+    key: JAX PRNG key or int seed for the noise.
+    momentum: Optional momentum decay.
+    nesterov: Whether to use Nesterov momentum.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return optax.chain(
+      dp_aggregate(l2_norm_clip, noise_multiplier, expected_batch_size, key),
+      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+  )
