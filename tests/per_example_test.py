@@ -1,0 +1,71 @@
+"""per_example_grads and clipped_grad_sum against a Python loop of jax.grad."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dplh_jax import dp_transform
+from dplh_jax import per_example
+
+
+def _loss(params, example, scale):
+  hidden = jnp.tanh(example['x'] @ params['w1'])
+  prediction = hidden @ params['w2']
+  loss = scale * jnp.sum((prediction - example['y']) ** 2)
+  return loss, {'prediction': prediction}
+
+
+def _problem(num_examples=5):
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {'w1': jax.random.normal(keys[0], (3, 4)),
+            'w2': jax.random.normal(keys[1], (4, 2))}
+  batch = {'x': jax.random.normal(keys[2], (num_examples, 3)),
+           'y': jax.random.normal(keys[3], (num_examples, 2))}
+  return params, batch
+
+
+def _loop(params, batch, scale):
+  grads = [jax.grad(_loss, has_aux=True)(
+      params, jax.tree.map(lambda x: x[i], batch), scale)[0]
+           for i in range(batch['x'].shape[0])]
+  return jax.tree.map(lambda *g: jnp.stack(g), *grads)
+
+
+@pytest.mark.parametrize('microbatch_size', [None, 2, 5])
+def test_per_example_grads_equal_a_loop(microbatch_size):
+  params, batch = _problem()
+  fn = jax.jit(per_example.per_example_grads(
+      _loss, has_aux=True, microbatch_size=microbatch_size))
+  grads, aux = fn(params, batch, 0.5)
+  expected = _loop(params, batch, 0.5)
+  for name in params:
+    np.testing.assert_allclose(grads[name], expected[name], rtol=1e-5,
+                               atol=1e-6)
+  np.testing.assert_allclose(
+      aux['prediction'],
+      jnp.tanh(batch['x'] @ params['w1']) @ params['w2'], rtol=1e-5)
+
+
+@pytest.mark.parametrize('microbatch_size', [None, 2])
+def test_fused_clipped_sum_equals_clip_and_sum_of_per_example_grads(
+    microbatch_size):
+  params, batch = _problem(7)
+  padding = jnp.array([False, True, False, False, False, True, False])
+  clip = 1.0
+  fused = jax.jit(per_example.clipped_grad_sum(
+      _loss, clip, has_aux=True, microbatch_size=microbatch_size))
+  clipped, aux = fused(params, batch, 0.5, is_padding_example=padding)
+  expected = dp_transform.clip_and_sum(_loop(params, batch, 0.5), clip,
+                                       padding)
+  for name in params:
+    np.testing.assert_allclose(clipped.grad_sum[name],
+                               expected.grad_sum[name], rtol=1e-5, atol=1e-6)
+  assert int(clipped.num_examples) == 5
+  assert int(clipped.num_clipped) == int(expected.num_clipped) > 0
+  assert aux['prediction'].shape == (7, 2)
+
+
+def test_bad_microbatch_size_is_named():
+  with pytest.raises(ValueError, match='microbatch_size.*0'):
+    per_example.per_example_grads(_loss, microbatch_size=0)
