@@ -7,6 +7,7 @@ See face_schema for the feature layout and the pixel [x, y, w, h] box
 convention.
 """
 
+from dplh_jax.datasets.aflw import Aflw
 from dplh_jax.datasets.face_schema import FLIP_PAIRS
 from dplh_jax.datasets.face_schema import FLIP_PERMUTATION
 from dplh_jax.datasets.face_schema import LANDMARK_NAMES
@@ -15,6 +16,6 @@ from dplh_jax.datasets.synthetic_faces import SyntheticFaces
 from dplh_jax.datasets.synthetic_faces import SyntheticFacesConfig
 
 __all__ = [
-    'FLIP_PAIRS', 'FLIP_PERMUTATION', 'LANDMARK_NAMES',
+    'Aflw', 'FLIP_PAIRS', 'FLIP_PERMUTATION', 'LANDMARK_NAMES',
     'NUM_LANDMARKS', 'SyntheticFaces', 'SyntheticFacesConfig',
 ]

@@ -42,9 +42,9 @@ class SceneConfig:
   num_faces_probs: tuple[float, ...] = (0.05, 0.6, 0.27, 0.08)
   # Face box height as a fraction of the image side, for a single face.
   face_height_range: tuple[float, float] = (0.3, 0.8)
-  max_abs_roll: float = np.deg2rad(30.0)
-  max_abs_pitch: float = np.deg2rad(30.0)
-  max_abs_yaw: float = np.deg2rad(80.0)
+  max_abs_roll: float = float(np.deg2rad(30.0))
+  max_abs_pitch: float = float(np.deg2rad(30.0))
+  max_abs_yaw: float = float(np.deg2rad(80.0))
   gender_label_noise: float = 0.07
   num_clutter_shapes: tuple[int, int] = (2, 7)
   num_skin_distractors: tuple[int, int] = (0, 2)
