@@ -58,6 +58,9 @@ class Weighting(Protocol):
 class FixedWeighting:
   """``L = sum_i lambda_i L_i`` with constant ``lambda_i``.
 
+  Pair it with ``HyperFace(learn_task_weights=False)``: an unused log sigma^2
+  parameter would only collect DP noise.
+
   >>> w = FixedWeighting({'detection': 1.0, 'landmarks': 5.0,
   ...                     'visibility': 0.5, 'pose': 5.0, 'gender': 2.0})
   >>> losses = {t: jnp.float32(1.0) for t in models.TASK_NAMES}
@@ -77,7 +80,14 @@ class FixedWeighting:
 
 
 def log_sigma_sq(params) -> jax.Array:
-  """The learned ``(num_tasks,)`` log sigma^2 vector, in TASK_NAMES order."""
+  """The learned ``(num_tasks,)`` log sigma^2 vector, in TASK_NAMES order.
+
+  Raises:
+    ValueError: if the model was built with ``learn_task_weights=False``.
+  """
+  if models.LOG_SIGMA_SQ not in params['params']:
+    raise ValueError('UncertaintyWeighting needs HyperFace(learn_task_weights='
+                     'True): the params have no log sigma^2 task weights.')
   return params['params'][models.LOG_SIGMA_SQ]
 
 

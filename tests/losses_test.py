@@ -145,19 +145,16 @@ def test_availability_masks_gate_their_tasks_only():
 
 def test_masks_may_be_absent_or_per_image():
   outputs = _outputs()
-  with_masks, _, _ = _losses_and_jacobian(outputs, _targets())
-  # Absent keys mean "available": identical to all-True masks.
-  absent, _, _ = _losses_and_jacobian(outputs, _targets(with_masks=False))
-  assert absent == with_masks
-  # Scalar (whole-image) masks broadcast over the proposals.
-  per_image = _targets(with_masks=False)
-  per_image['has_gender'] = np.array(False)
-  per_image['has_pose'] = np.array(True)
-  per_image['has_landmarks'] = np.array(False)
-  task_losses, counts, _ = _losses_and_jacobian(outputs, per_image)
-  assert int(counts['gender']) == int(counts['landmarks']) == 0
-  assert int(counts['visibility']) == 0
-  assert float(task_losses['pose']) == float(with_masks['pose'])
+  all_available, _, _ = _losses_and_jacobian(outputs, _targets())
+  targets = _targets(with_masks=False)
+  # has_pose absent means "available"; scalar (whole-image) masks broadcast
+  # over the proposals.
+  targets['has_landmarks'] = np.array(True)
+  targets['has_gender'] = np.array(False)
+  task_losses, counts, _ = _losses_and_jacobian(outputs, targets)
+  for task in ('detection', 'landmarks', 'visibility', 'pose'):
+    assert float(task_losses[task]) == float(all_available[task]) > 0.0
+  assert float(task_losses['gender']) == 0.0 and int(counts['gender']) == 0
 
 
 def test_image_without_valid_terms_gives_zero_loss_and_zero_gradient():

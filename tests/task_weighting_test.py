@@ -66,6 +66,12 @@ def test_uncertainty_metrics_report_sigma_and_effective_weight():
                              [0.5, 0.125, 2.0, 0.5, 1 / 18], rtol=1e-6)
 
 
+def test_uncertainty_weighting_needs_learned_log_sigma():
+  with pytest.raises(ValueError, match='learn_task_weights'):
+    task_weighting.UncertaintyWeighting().combine(
+        {'params': {}}, _scalars([1.0] * 5), _scalars([1] * 5))
+
+
 @pytest.mark.parametrize('regularizer_scale', [1.0, 0.5])
 def test_learned_weights_down_weight_the_noisier_task(regularizer_scale):
   """Two regressions of the same signal; the 'pose' labels are 10x noisier.
