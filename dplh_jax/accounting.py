@@ -15,11 +15,16 @@ and ``'rdp'`` (Renyi DP, an upper bound that is looser but fast).
 import dataclasses
 import json
 import math
+import operator
 from typing import Any, Callable, Sequence
 
 import dp_accounting
 
 ACCOUNTANTS = ('pld', 'rdp')
+
+# dp-accounting's default PLD discretization; recorded with every accountant
+# so an epsilon can be recomputed with the same setting.
+PLD_DISCRETIZATION = 1e-4
 
 # Rough upper end for the noise multiplier search: an epsilon that needs more
 # noise than this is not a useful training run.
@@ -52,7 +57,8 @@ class Phase:
     if not 0 <= self.sampling_prob <= 1:
       raise ValueError(
           f'sampling_prob must be in [0, 1], got {self.sampling_prob!r}.')
-    if not isinstance(self.steps, int) or self.steps < 0:
+    if isinstance(self.steps, bool) or not isinstance(self.steps, int) or (
+        self.steps < 0):
       raise ValueError(f'steps must be an int >= 0, got {self.steps!r}.')
 
   def dp_event(self) -> dp_accounting.DpEvent:
@@ -64,7 +70,8 @@ class Phase:
 def _make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
   _check_accountant(accountant)
   if accountant == 'pld':
-    return dp_accounting.pld.PLDAccountant()
+    return dp_accounting.pld.PLDAccountant(
+        value_discretization_interval=PLD_DISCRETIZATION)
   return dp_accounting.rdp.RdpAccountant()
 
 
@@ -111,7 +118,8 @@ def _bisect_noise(epsilon_at: Callable[[float], float], target_epsilon: float,
   where PLD is slow unless the target needs them.
   """
   low, high = 1.0, 1.0
-  if epsilon_at(high) > target_epsilon:
+  if epsilon_at(1.0) > target_epsilon:
+    high = 2.0
     while epsilon_at(high) > target_epsilon:
       low, high = high, high * 2
       if high > _MAX_NOISE_MULTIPLIER:
@@ -119,6 +127,7 @@ def _bisect_noise(epsilon_at: Callable[[float], float], target_epsilon: float,
             f'target_epsilon={target_epsilon} needs noise_multiplier > '
             f'{_MAX_NOISE_MULTIPLIER:g}; raise the budget or lower q/steps.')
   else:
+    low = 0.5
     while epsilon_at(low) <= target_epsilon:
       high, low = low, low / 2
       if low < 1e-3:
@@ -134,7 +143,8 @@ def _bisect_noise(epsilon_at: Callable[[float], float], target_epsilon: float,
 
 def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, sampling_prob: float, steps: int,
-    accountant: str = 'pld', rtol: float = 1e-3) -> float:
+    accountant: str = 'pld', rtol: float = 1e-3,
+    prior_phases: Sequence[Phase] = ()) -> float:
   """The smallest noise multiplier whose epsilon is at most the target.
 
   The result is the upper end of a bisection bracket, so
@@ -144,10 +154,12 @@ def calibrate_noise_multiplier(
   Args:
     target_epsilon: Budget, > 0.
     delta: Target delta.
-    sampling_prob: Poisson sampling rate ``q``.
+    sampling_prob: Poisson sampling rate ``q``, in (0, 1].
     steps: Number of steps planned, >= 1.
     accountant: ``'pld'`` or ``'rdp'``.
-    rtol: Relative width of the final sigma bracket.
+    rtol: Relative width of the final sigma bracket, in [1e-9, 1).
+    prior_phases: Phases already spent on the same data (e.g. pre-training);
+      the budget covers them and the new steps together.
 
   Returns:
     The noise multiplier ``sigma``.
@@ -155,13 +167,22 @@ def calibrate_noise_multiplier(
   if not target_epsilon > 0 or math.isinf(target_epsilon):
     raise ValueError(
         f'target_epsilon must be finite and > 0, got {target_epsilon!r}.')
-  if not isinstance(steps, int) or steps < 1:
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
     raise ValueError(f'steps must be an int >= 1, got {steps!r}.')
+  if not 0 < sampling_prob <= 1:
+    raise ValueError(
+        f'sampling_prob must be in (0, 1], got {sampling_prob!r}.')
+  if not 1e-9 <= rtol < 1:
+    raise ValueError(f'rtol must be in [1e-9, 1), got {rtol!r}.')
   _check_delta(delta)
   _check_accountant(accountant)
-  Phase(1.0, sampling_prob, steps)  # Validates sampling_prob.
+  prior = list(prior_phases)
+  if _epsilon_of_phases(prior, delta, accountant) >= target_epsilon:
+    raise ValueError(f'Earlier phases already spend target_epsilon='
+                     f'{target_epsilon}; nothing is left for new steps.')
   return _bisect_noise(
-      lambda sigma: epsilon(sigma, sampling_prob, steps, delta, accountant),
+      lambda sigma: _epsilon_of_phases(
+          prior + [Phase(sigma, sampling_prob, steps)], delta, accountant),
       target_epsilon, rtol)
 
 
@@ -202,6 +223,7 @@ class PrivacyAccountant:
     """Records ``steps`` more Poisson-sampled Gaussian steps."""
     noise_multiplier, sampling_prob = float(noise_multiplier), float(
         sampling_prob)
+    steps = operator.index(steps)
     new = Phase(noise_multiplier, sampling_prob, steps)
     last = self._phases[-1] if self._phases else None
     if last and (last.noise_multiplier, last.sampling_prob) == (
@@ -214,6 +236,14 @@ class PrivacyAccountant:
     """Epsilon of everything composed so far, at ``delta``."""
     return _epsilon_of_phases(self._phases, delta, self.accountant)
 
+  def calibrate_noise_multiplier(self, target_epsilon: float, delta: float,
+                                 sampling_prob: float, steps: int) -> float:
+    """Smallest sigma such that ``steps`` more steps keep the total epsilon,
+    earlier phases included, within ``target_epsilon``."""
+    return calibrate_noise_multiplier(
+        target_epsilon, delta, sampling_prob, steps, self.accountant,
+        prior_phases=self._phases)
+
   def epsilon_after(self, delta: float, noise_multiplier: float,
                     sampling_prob: float, steps: int) -> float:
     """Epsilon if ``steps`` more steps were composed (nothing is recorded)."""
@@ -223,10 +253,16 @@ class PrivacyAccountant:
 
   def to_dict(self) -> dict[str, Any]:
     return {'accountant': self.accountant,
+            'pld_discretization': PLD_DISCRETIZATION,
             'phases': [dataclasses.asdict(p) for p in self._phases]}
 
   @classmethod
   def from_dict(cls, record: dict[str, Any]) -> 'PrivacyAccountant':
+    if record.get('pld_discretization', PLD_DISCRETIZATION) != (
+        PLD_DISCRETIZATION):
+      raise ValueError(f'Record used PLD discretization '
+                       f'{record["pld_discretization"]}, this version uses '
+                       f'{PLD_DISCRETIZATION}.')
     return cls(record['accountant'], [Phase(**p) for p in record['phases']])
 
   def to_json(self) -> str:

@@ -104,6 +104,7 @@ def clipped_grad_sum(
     A function ``(params, batch, *args, is_padding_example=None)``.
   """
   _check_microbatch_size(microbatch_size)
+  l2_norm_clip = dp_transform.check_l2_norm_clip(l2_norm_clip)
   grads_of = per_example_grads(loss_fn, has_aux=has_aux)
 
   def clip_chunk(params, chunk, padding, args):
@@ -113,8 +114,14 @@ def clipped_grad_sum(
 
   def fused(params, batch, *args, is_padding_example=None):
     n = _batch_size(batch)
+    if n == 0:
+      raise ValueError('The batch is empty; pad it to at least one example '
+                       '(a Poisson step with no example still adds noise).')
     if is_padding_example is None:
       is_padding_example = jnp.zeros((n,), dtype=bool)
+    if is_padding_example.shape != (n,):
+      raise ValueError(f'is_padding_example has shape '
+                       f'{is_padding_example.shape}, expected ({n},).')
     m = n if microbatch_size is None else min(microbatch_size, n)
     num_chunks, remainder = divmod(n, m)
     split = num_chunks * m

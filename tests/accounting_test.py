@@ -1,6 +1,7 @@
 """Accounting: DESIGN.md reference values, calibration, composition, JSON."""
 
 import dp_accounting
+import numpy as np
 import pytest
 
 from dplh_jax import accounting
@@ -30,11 +31,27 @@ def test_calibration_with_rdp_never_exceeds_target():
   assert 0.99 * 5.0 <= eps <= 5.0
 
 
+def test_calibration_counts_earlier_phases():
+  acc = accounting.PrivacyAccountant('rdp')
+  acc.compose(2.0, 0.02, 200)  # pre-training on the same data
+  sigma = acc.calibrate_noise_multiplier(3.0, 1e-5, 0.01, 500)
+  total = acc.epsilon_after(1e-5, sigma, 0.01, 500)
+  assert 0.99 * 3.0 <= total <= 3.0
+  assert sigma > accounting.calibrate_noise_multiplier(3.0, 1e-5, 0.01, 500,
+                                                       'rdp')
+
+
+def test_calibration_below_sigma_one():
+  sigma = accounting.calibrate_noise_multiplier(20.0, 1e-5, 0.01, 100, 'rdp')
+  assert sigma < 1.0
+  assert 0.99 * 20 <= accounting.epsilon(sigma, 0.01, 100, 1e-5, 'rdp') <= 20
+
+
 def test_phases_compose_into_one_event_and_merge_when_equal():
   acc = accounting.PrivacyAccountant('pld')
   acc.compose(2.0, 0.02, 100)  # e.g. detection pre-training on the same data
   acc.compose(1.2, 0.01, 300)
-  acc.compose(1.2, 0.01, 200)
+  acc.compose(1.2, 0.01, np.int64(200))
   assert [p.steps for p in acc.phases] == [100, 500]
   direct = dp_accounting.pld.PLDAccountant()
   direct.compose(dp_accounting.ComposedDpEvent([
@@ -78,6 +95,11 @@ def test_edge_cases():
     (lambda: accounting.epsilon(1.0, 0.1, 10, 1e-5, 'moments'), 'accountant'),
     (lambda: accounting.calibrate_noise_multiplier(0.0, 1e-5, 0.1, 10),
      'target_epsilon'),
+    (lambda: accounting.calibrate_noise_multiplier(1.0, 1e-5, 0.0, 10),
+     'sampling_prob'),
+    (lambda: accounting.calibrate_noise_multiplier(1.0, 1e-5, 0.1, 10,
+                                                   rtol=0.0), 'rtol'),
+    (lambda: accounting.Phase(1.0, 0.1, True), 'steps'),
     (lambda: accounting.calibrate_noise_multiplier(1e-6, 1e-5, 1.0, 10**4,
                                                    'rdp'),
      'noise_multiplier >'),

@@ -103,7 +103,8 @@ def test_noise_std_is_sigma_times_clip_over_expected_batch(fused):
   # probability > 0.99 (its relative s.e. is 1/sqrt(2*280) = 4.2%).
   assert np.std(samples) == pytest.approx(expected, rel=0.15)
   assert abs(np.mean(samples)) < 4 * expected / np.sqrt(samples.size)
-  # Noise is added once, not once per microbatch chunk (4 examples = 2 chunks).
+  # With 4 examples in 2 chunks, noise added per chunk would show up in the
+  # std above as sqrt(2) too large; here we check one draw per update.
   assert int(state.num_updates) == draws
 
 
@@ -136,6 +137,54 @@ def test_keys_differ_from_step_to_step_and_the_stored_key_is_not_reused():
   # Same state in, same noise out: a resume restores the state, not the seed.
   again, _ = _update(grads, padding, state1, sigma=1.0, batch=1, fused=False)
   np.testing.assert_array_equal(_flat(again), _flat(out2))
+
+
+def test_the_stored_keys_never_draw_noise_themselves():
+  """The key in the state is only split; a key drawing noise is never stored
+  (so it cannot be used again by the next step or after a resume)."""
+  tx = dp_transform.dp_aggregate(CLIP, 1.0, 1, key=5)
+  state = tx.init(PARAMS)
+  out, next_state = tx.update(_grads(np.zeros((1, 7))), state)
+  noise = _flat(out) / CLIP
+  for stored in (state.noise_key, next_state.noise_key):
+    assert not np.allclose(noise, jax.random.normal(stored, (7,)))
+
+
+def test_bfloat16_gradients_get_float32_noise_and_keep_their_dtype():
+  tx = dp_transform.dp_aggregate(1.0, 1.0, 4, key=0)
+  grads = jnp.zeros((2, 20_000), jnp.bfloat16)
+  out, _ = jax.jit(tx.update)(grads, tx.init(jnp.zeros(20_000, jnp.bfloat16)))
+  assert out.dtype == jnp.bfloat16
+  # s.e. of the std over 20k draws is 0.5%; bfloat16 rounding adds < 0.4%.
+  assert float(jnp.std(out.astype(jnp.float32))) == pytest.approx(0.25,
+                                                                  rel=0.02)
+
+
+def test_a_sum_clipped_with_another_norm_is_refused():
+  clipped = per_example.clipped_grad_sum(_linear_loss, 10 * CLIP)(
+      PARAMS, _grads(np.ones((2, 7))))
+  with pytest.raises(ValueError, match='clipped to 5.0'):
+    dp_transform.dp_aggregate(CLIP, 1.0, 1, key=0).update(clipped, _init())
+
+
+def test_an_aggregated_gradient_is_refused():
+  tx = dp_transform.dp_aggregate(CLIP, 1.0, 1, key=0)
+  mean_gradient = {'a': jnp.ones((3,)), 'b': jnp.ones((2, 2))}
+  with pytest.raises(ValueError, match='shaped like params'):
+    tx.update(mean_gradient, _init(), PARAMS)
+
+
+def test_integer_gradients_are_refused():
+  with pytest.raises(TypeError, match='int32'):
+    dp_transform.clip_and_sum(jnp.ones((2, 3), jnp.int32), 1.0)
+
+
+@pytest.mark.filterwarnings('ignore:overflow encountered in cast')
+def test_float64_values_that_overflow_float32_count_as_non_finite():
+  grads = np.array([[1e39, 0.0], [0.1, 0.1]])  # NumPy float64: x64 not needed
+  clipped = dp_transform.clip_and_sum(grads, 1.0)
+  assert int(clipped.num_non_finite) == 1
+  np.testing.assert_allclose(clipped.grad_sum, [0.1, 0.1])
 
 
 @paths
@@ -204,6 +253,7 @@ def test_dpsgd_is_dp_aggregate_then_sgd():
     (dict(noise_multiplier=-1.0), 'noise_multiplier'),
     (dict(expected_batch_size=0), 'expected_batch_size'),
     (dict(key='seed'), 'key'),
+    (dict(l2_norm_clip=float('nan')), 'l2_norm_clip'),
 ])
 def test_bad_arguments_are_named(kwargs, message):
   args = dict(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=4,

@@ -51,7 +51,10 @@ def test_per_example_grads_equal_a_loop(microbatch_size):
 def test_fused_clipped_sum_equals_clip_and_sum_of_per_example_grads(
     microbatch_size):
   params, batch = _problem(7)
-  padding = jnp.array([False, True, False, False, False, True, False])
+  # With chunks of 2, examples 0-5 go through the scan and 6 is the leftover
+  # chunk: put padding and a NaN example in both parts.
+  batch['x'] = batch['x'].at[2, 0].set(jnp.nan).at[6, 0].set(jnp.nan)
+  padding = jnp.array([False, True, False, False, False, True, True])
   clip = 1.0
   fused = jax.jit(per_example.clipped_grad_sum(
       _loss, clip, has_aux=True, microbatch_size=microbatch_size))
@@ -61,9 +64,17 @@ def test_fused_clipped_sum_equals_clip_and_sum_of_per_example_grads(
   for name in params:
     np.testing.assert_allclose(clipped.grad_sum[name],
                                expected.grad_sum[name], rtol=1e-5, atol=1e-6)
-  assert int(clipped.num_examples) == 5
+  assert int(clipped.num_examples) == 4
+  assert int(clipped.num_non_finite) == 1  # example 6 is padding: not counted
   assert int(clipped.num_clipped) == int(expected.num_clipped) > 0
   assert aux['prediction'].shape == (7, 2)
+
+
+def test_fused_path_checks_the_padding_mask_shape():
+  params, batch = _problem(4)
+  with pytest.raises(ValueError, match=r'is_padding_example has shape \(7,\)'):
+    per_example.clipped_grad_sum(_loss, 1.0, has_aux=True, microbatch_size=2)(
+        params, batch, 0.5, is_padding_example=jnp.zeros(7, bool))
 
 
 def test_bad_microbatch_size_is_named():
