@@ -294,11 +294,13 @@ def dp_aggregate(
 
   def init_fn(params):
     del params
-    zero = jnp.zeros((), jnp.int32)
+    # Distinct arrays per field, so a jitted step may donate the state.
+    def zero():
+      return jnp.zeros((), jnp.int32)
     return DpAggregateState(
-        noise_key=initial_key, num_updates=zero, realized_batch_size=zero,
-        clipped_fraction=jnp.zeros((), jnp.float32), num_non_finite=zero,
-        total_non_finite=zero)
+        noise_key=initial_key, num_updates=zero(), realized_batch_size=zero(),
+        clipped_fraction=jnp.zeros((), jnp.float32), num_non_finite=zero(),
+        total_non_finite=zero())
 
   def update_fn(updates, state, params=None, *, is_padding_example=None,
                 **extra_args):

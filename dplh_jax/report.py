@@ -1,0 +1,111 @@
+"""The privacy report of a run: what was spent, and everything to recompute it.
+
+``privacy_report.json`` carries the epsilon and every parameter the
+accountant composed, so a reader can recompute the epsilon with dp-accounting
+alone (see :func:`recompute_epsilon`) instead of trusting this package.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from typing import Any
+
+import dp_accounting
+
+from dplh_jax import accounting
+
+
+def make_report(accountant: accounting.PrivacyAccountant, *, delta: float,
+                l2_norm_clip: float, num_examples: int,
+                expected_batch_size: float, privacy_unit: str,
+                non_finite_examples_dropped: int,
+                target_epsilon: float | None, noise_seed_source: str,
+                sampler_seed_source: str) -> dict[str, Any]:
+  """Assembles the report of a finished (or interrupted) run.
+
+  ``noise_multiplier``, ``sampling_prob`` and ``steps`` describe the main
+  phase (the last one); ``phases`` lists every phase composed, pre-training
+  included, and ``epsilon`` covers all of them.
+  """
+  phases = accountant.phases
+  last = phases[-1] if phases else accounting.Phase(0.0, 0.0, 0)
+  return {
+      'epsilon': accountant.epsilon(delta),
+      'delta': delta,
+      'accountant': accountant.accountant,
+      'noise_multiplier': last.noise_multiplier,
+      'sampling_prob': last.sampling_prob,
+      'steps': accountant.steps,
+      'phases': accountant.to_dict()['phases'],
+      'l2_norm_clip': l2_norm_clip,
+      'privacy_unit': privacy_unit,
+      'num_examples': num_examples,
+      'expected_batch_size': expected_batch_size,
+      'sampling_method': 'poisson',
+      'neighboring_relation': 'add_or_remove_one',
+      'non_finite_examples_dropped': non_finite_examples_dropped,
+      'target_epsilon': target_epsilon,
+      'noise_seed_source': noise_seed_source,
+      'sampler_seed_source': sampler_seed_source,
+      'dp_accounting_version': importlib.metadata.version('dp-accounting'),
+  }
+
+
+def recompute_epsilon(report: dict[str, Any]) -> float:
+  """Epsilon from the report's own fields, with dp-accounting only.
+
+  >>> report = {'accountant': 'rdp', 'delta': 1e-6, 'phases': [
+  ...     {'noise_multiplier': 3.0, 'sampling_prob': 0.1, 'steps': 512}]}
+  >>> round(recompute_epsilon(report), 3)
+  4.051
+  """
+  events = [
+      dp_accounting.SelfComposedDpEvent(
+          dp_accounting.PoissonSampledDpEvent(
+              p['sampling_prob'],
+              dp_accounting.GaussianDpEvent(p['noise_multiplier'])),
+          p['steps']) for p in report['phases']]
+  if report['accountant'] == 'pld':
+    acc = dp_accounting.pld.PLDAccountant()
+  else:
+    acc = dp_accounting.rdp.RdpAccountant()
+  acc.compose(dp_accounting.ComposedDpEvent(events))
+  return float(acc.get_epsilon(report['delta']))
+
+
+def write_report(report: dict[str, Any], path: str) -> None:
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=2)
+    f.write('\n')
+
+
+# Rows of the summary table: (metric key, label, format).
+_SUMMARY_ROWS = (
+    ('detection_accuracy', 'detection accuracy', '{:.3f}'),
+    ('detection_ap', 'detection AP (proposals)', '{:.3f}'),
+    ('landmark_nme', 'landmark NME (box-normalized)', '{:.4f}'),
+    ('landmark_mse', 'landmark MSE (crop units)', '{:.4f}'),
+    ('visibility_accuracy', 'visibility accuracy', '{:.3f}'),
+    ('visibility_mse', 'visibility MSE', '{:.4f}'),
+    ('pose_mae_deg', 'pose MAE (degrees, mean r/p/y)', '{:.2f}'),
+    ('pose_mse', 'pose MSE (rad^2)', '{:.4f}'),
+    ('gender_accuracy', 'gender accuracy', '{:.3f}'),
+)
+
+
+def format_summary(eval_metrics: dict[str, float],
+                   report: dict[str, Any]) -> str:
+  """A Markdown table of the held-out metrics and the privacy spent."""
+  lines = ['| metric | value |', '|---|---|']
+  for key, label, fmt in _SUMMARY_ROWS:
+    lines.append(f'| {label} | {fmt.format(eval_metrics[key])} |')
+  if report['privacy_unit'].startswith('none'):
+    lines.append('| privacy | none (non-private) |')
+  else:
+    lines.append(
+        f'| privacy | epsilon={report["epsilon"]:.3f}, '
+        f'delta={report["delta"]:g} ({report["accountant"]}), '
+        f'sigma={report["noise_multiplier"]:.3f}, '
+        f'q={report["sampling_prob"]:.4g}, steps={report["steps"]} |')
+  return '\n'.join(lines)

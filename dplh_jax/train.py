@@ -1,0 +1,329 @@
+"""DP (or non-private) training and evaluation of HyperFace on a face dataset.
+
+``train_and_evaluate(config, workdir)`` is the whole job; ``experiments/main.py``
+only parses flags. One DP step is::
+
+    Poisson sample (rate q) -> per-image examples, padded -> clipped_grad_sum
+    (per image: all its proposals, all five task losses, the learned log sigma^2
+    weights) -> dp_aggregate (noise once, / expected batch) -> optimizer
+    -> accountant.compose(sigma, q, 1)
+
+Privacy plan. With ``target_epsilon`` alone, sigma is calibrated so the
+planned steps spend at most the target. With ``noise_multiplier`` alone, the
+planned steps run and their epsilon is reported. With both, training stops at
+the last step whose epsilon stays within the target. Before the first step the
+whole remaining plan is checked against the target, so a run never passes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dplh_jax import accounting
+from dplh_jax import checkpoint
+from dplh_jax import dp_transform
+from dplh_jax import input_pipeline
+from dplh_jax import losses
+from dplh_jax import metrics as metrics_lib
+from dplh_jax import models
+from dplh_jax import per_example
+from dplh_jax import report as report_lib
+from dplh_jax import run_setup
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPlan:
+  """What the accountant will be told: sigma, q and the number of steps."""
+  noise_multiplier: float
+  sampling_prob: float
+  num_steps: int
+
+
+def plan_privacy(config: ml_collections.ConfigDict, num_examples: int,
+                 spent: accounting.PrivacyAccountant) -> PrivacyPlan:
+  """Noise multiplier and step count honouring the config's budget.
+
+  Args:
+    config: the run's config (validated).
+    num_examples: private training examples (images).
+    spent: phases already composed (e.g. pre-training), counted in the budget.
+
+  Raises:
+    ValueError: if the budget cannot pay for a single step.
+  """
+  q = config.expected_batch_size / num_examples
+  if q > 1:
+    raise ValueError(
+        f'config.expected_batch_size={config.expected_batch_size} exceeds the '
+        f'{num_examples} training images: sampling rate q={q:.4g} > 1.')
+  planned = max(1, round(config.num_epochs / q))
+  if not config.dp:
+    return PrivacyPlan(0.0, q, planned)
+  sigma, target = config.noise_multiplier, config.target_epsilon
+  if sigma is None:
+    if spent.steps:
+      raise ValueError('Calibrating to target_epsilon after other phases is '
+                       'not supported; give noise_multiplier instead.')
+    sigma = accounting.calibrate_noise_multiplier(
+        target, config.delta, q, planned, config.accountant)
+  elif target is not None:
+    planned = _steps_within_budget(spent, sigma, q, planned, config)
+  return PrivacyPlan(sigma, q, planned)
+
+
+def _steps_within_budget(spent, sigma, q, planned, config) -> int:
+  """Largest step count <= planned whose epsilon stays within the target."""
+  def fits(steps):
+    return spent.epsilon_after(config.delta, sigma, q, steps) <= (
+        config.target_epsilon)
+  if not fits(1):
+    raise ValueError(
+        f'target_epsilon={config.target_epsilon} cannot pay for one step at '
+        f'noise_multiplier={sigma}, q={q:.4g}, delta={config.delta}.')
+  low, high = 1, planned
+  while low < high:
+    mid = (low + high + 1) // 2
+    low, high = (mid, high) if fits(mid) else (low, mid - 1)
+  return low
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Everything the train step's computation depends on (hashable).
+
+  Runs with equal specs share one compiled step. The DP noise key is not part
+  of it: the step reads the key from the optimizer state, never from how the
+  transform was built.
+  """
+  model: models.HyperFace
+  weighting: Any
+  dp: bool
+  l2_norm_clip: float
+  noise_multiplier: float
+  expected_batch_size: float
+  optimizer: str
+  learning_rate: float
+  momentum: float
+  microbatch_size: int | None
+
+  @classmethod
+  def from_config(cls, config, model, weighting, noise_multiplier):
+    return cls(model, weighting, config.dp, config.l2_norm_clip,
+               noise_multiplier, config.expected_batch_size, config.optimizer,
+               config.learning_rate, config.momentum, config.microbatch_size)
+
+
+def make_optimizer(spec: StepSpec, noise_key) -> optax.GradientTransformation:
+  """``dp_aggregate`` (if DP) chained with the configured optimizer."""
+  if spec.optimizer == 'adam':
+    optimizer = optax.adam(spec.learning_rate)
+  else:
+    momentum = spec.momentum if spec.optimizer == 'momentum' else None
+    optimizer = optax.sgd(spec.learning_rate, momentum=momentum)
+  if not spec.dp:
+    return optimizer
+  return optax.chain(
+      dp_transform.dp_aggregate(spec.l2_norm_clip, spec.noise_multiplier,
+                                spec.expected_batch_size, noise_key),
+      optimizer)
+
+
+def make_train_step(spec: StepSpec):
+  """The pure step ``(state, batch, rng) -> (state, metrics)``."""
+  loss_fn = functools.partial(losses.per_image_loss, model=spec.model,
+                              weighting=spec.weighting)
+  # The construction key is never read by update(): the key is in the state.
+  tx = make_optimizer(spec, noise_key=0)
+
+  def mean_over_images(values, is_real):
+    weights = is_real.astype(jnp.float32)
+    denominator = jnp.maximum(jnp.sum(weights), 1.0)
+    return jax.tree.map(
+        lambda v: jnp.tensordot(weights, v.astype(jnp.float32), axes=1)
+        / denominator, values)
+
+  def train_step(state: TrainState, batch, rng):
+    is_real = ~batch['is_padding_example']
+    if spec.dp:
+      gradient, aux = per_example.clipped_grad_sum(
+          loss_fn, spec.l2_norm_clip, has_aux=True,
+          microbatch_size=spec.microbatch_size)(
+              state.params, batch, rng,
+              is_padding_example=batch['is_padding_example'])
+    else:
+      def batch_loss(params):
+        image_losses, aux = jax.vmap(loss_fn, (None, 0, None))(params, batch,
+                                                                rng)
+        return mean_over_images(image_losses, is_real), aux
+      gradient, aux = jax.grad(batch_loss, has_aux=True)(state.params)
+    updates, opt_state = tx.update(gradient, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # Train metrics are computed from private data without noise: they are
+    # for watching the run, not covered by the privacy guarantee.
+    step_metrics = {
+        f'train_loss_{task}': value
+        for task, value in mean_over_images(aux['task_losses'], is_real).items()
+    }
+    if 'sigma' in aux:
+      step_metrics |= {f'task_sigma_{task}': value[0] for task, value in
+                       aux['sigma'].items()}
+    if spec.dp:
+      dp_state = opt_state[0]
+      step_metrics |= {'clipped_fraction': dp_state.clipped_fraction,
+                       'non_finite_examples': dp_state.num_non_finite,
+                       'realized_batch_size': dp_state.realized_batch_size}
+    return TrainState(state.step + 1, params, opt_state), step_metrics
+
+  return train_step
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_train_step(spec: StepSpec):
+  """The jitted step for ``spec``, shared by every run with that spec."""
+  return jax.jit(make_train_step(spec), donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_eval_step(model: models.HyperFace):
+  return jax.jit(make_eval_step(model))
+
+
+def make_eval_step(model: models.HyperFace):
+  """``(params, crops (B, K, S, S, 3)) -> outputs`` with (B, K) axes."""
+  def eval_step(params, crops):
+    flat = crops.reshape((-1,) + crops.shape[2:])
+    outputs = model.apply(params, flat, deterministic=True)
+    return jax.tree.map(lambda o: o.reshape(crops.shape[:2] + o.shape[1:]),
+                        outputs)
+  return eval_step
+
+
+def evaluate(eval_step, params, source, pipeline_config, config) -> dict:
+  """Held-out metrics over the first ``num_eval_examples`` test images."""
+  accumulator = metrics_lib.EvalAccumulator()
+  limit = config.num_eval_examples
+  if limit > 0:
+    source = [source[i] for i in range(min(limit, len(source)))]
+  for batch in input_pipeline.prefetch(input_pipeline.eval_batches(
+      source, pipeline_config, batch_size=config.eval_batch_size,
+      seed=config.seed)):
+    outputs = jax.device_get(eval_step(params, batch['crops']))
+    accumulator.update(outputs, batch)
+  return accumulator.result()
+
+
+def _to_python(tree) -> dict:
+  return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains, checkpoints, evaluates and writes the privacy report.
+
+  Resumes from the latest checkpoint in ``workdir`` if there is one.
+
+  Returns:
+    ``{'eval': held-out metrics, 'privacy': the privacy report, 'state':
+    the final TrainState}``.
+  """
+  run_setup.validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  data = run_setup.load_data(config)
+  num_examples = len(data.train)
+  model, weighting = run_setup.build_model(config)
+  accountant = accounting.PrivacyAccountant(config.accountant)
+  plan = plan_privacy(config, num_examples, accountant)
+  noise_key, noise_source = run_setup.secret_key(config.noise_seed)
+  spec = StepSpec.from_config(config, model, weighting, plan.noise_multiplier)
+  tx = make_optimizer(spec, noise_key)
+  params = models.init_variables(model, config.seed)
+  # Committed to the device like a restored checkpoint, so a resumed run
+  # reuses the compiled step instead of compiling a second one.
+  state = jax.device_put(TrainState(jnp.int32(0), params, tx.init(params)),
+                         jax.devices()[0])
+  sampler = run_setup.build_sampler(config, num_examples)
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  if checkpointer.latest_step() is not None:
+    state, record = checkpointer.restore(state)
+    run_setup.check_resume(record, config, plan, state)
+    sampler.load_state_dict(record['sampler'])
+    accountant = accounting.PrivacyAccountant.from_dict(record['accountant'])
+    noise_source = record['noise_seed_source']
+    print(f'Resumed from step {int(state.step)}.', file=sys.stderr)
+  start = int(state.step)
+  if config.dp and config.target_epsilon is not None:
+    planned_epsilon = accountant.epsilon_after(
+        config.delta, plan.noise_multiplier, plan.sampling_prob,
+        plan.num_steps - start)
+    if planned_epsilon > config.target_epsilon:
+      raise ValueError(f'The plan would spend epsilon={planned_epsilon:.4f} '
+                       f'> target_epsilon={config.target_epsilon}.')
+  print(f'Plan: {plan.num_steps} steps, q={plan.sampling_prob:.5f}, '
+        f'noise_multiplier={plan.noise_multiplier:.4f}, {num_examples} '
+        'training images.', file=sys.stderr, flush=True)
+
+  train_step = compiled_train_step(spec)
+  base_rng = jax.random.key(config.seed)
+  writer = run_setup.MetricWriter(os.path.join(workdir, 'metrics.jsonl'))
+  batches = input_pipeline.prefetch(run_setup.sampled_batches(
+      data.train, sampler, data.pipeline_config, config.seed, start,
+      plan.num_steps))
+  timer_start, timer_steps = time.time(), 0
+  for step, batch, sampler_state in batches:
+    state, step_metrics = train_step(state, batch,
+                                     jax.random.fold_in(base_rng, step))
+    if config.dp:
+      accountant.compose(plan.noise_multiplier, plan.sampling_prob, 1)
+    timer_steps += 1
+    done = step + 1
+    if done % config.log_every == 0 or done == plan.num_steps:
+      step_metrics = _to_python(step_metrics)
+      rate = timer_steps / (time.time() - timer_start)
+      epsilon = accountant.epsilon(config.delta) if config.dp else None
+      writer.write(done, 'train', step_metrics | {
+          'steps_per_second': rate, 'epsilon': epsilon})
+      run_setup.print_progress(done, plan.num_steps, rate, epsilon,
+                               step_metrics)
+      timer_start, timer_steps = time.time(), 0
+    if done % config.checkpoint_every == 0 or done == plan.num_steps:
+      checkpointer.save(done, state, {
+          'sampler': sampler_state, 'accountant': accountant.to_dict(),
+          'noise_seed_source': noise_source,
+          'privacy_plan': dataclasses.asdict(plan)})
+  checkpointer.close()
+  print(f'Train step compiled {train_step._cache_size()} time(s).',  # pylint: disable=protected-access
+        file=sys.stderr)
+
+  eval_metrics = evaluate(compiled_eval_step(model), state.params,
+                          data.test, data.pipeline_config, config)
+  writer.write(int(state.step), 'eval', eval_metrics)
+  writer.close()
+  non_finite = (int(state.opt_state[0].total_non_finite) if config.dp else 0)
+  report = report_lib.make_report(
+      accountant, delta=config.delta, l2_norm_clip=config.l2_norm_clip,
+      num_examples=num_examples,
+      expected_batch_size=config.expected_batch_size,
+      privacy_unit=config.privacy_unit if config.dp else 'none (non-private)',
+      non_finite_examples_dropped=non_finite,
+      target_epsilon=config.target_epsilon, noise_seed_source=noise_source,
+      sampler_seed_source=run_setup.seed_source(config.sampler_seed))
+  report_lib.write_report(report, os.path.join(workdir, 'privacy_report.json'))
+  return {'eval': eval_metrics, 'privacy': report, 'state': state}

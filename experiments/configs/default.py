@@ -1,0 +1,64 @@
+"""CPU demo: DP HyperFace (small) on synthetic faces, target epsilon 5 at 1e-5.
+
+Run:  python experiments/main.py --config experiments/configs/default.py \
+          --workdir workdirs/default
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The demo configuration; every field is overridable as --config.x=..."""
+  config = ml_collections.ConfigDict()
+
+  # Data: a TFDS name 'dataset/builder_config'; data_dir '' = TFDS default.
+  config.dataset = 'synthetic_faces/demo'
+  config.data_dir = ''
+  config.num_proposals = 4  # K proposals per image (one privacy unit)
+  config.num_positives = 2
+  config.num_train_examples = -1  # -1: the whole train split
+
+  # Model: HyperFace scaled for CPU (see models.HyperFaceConfig.small).
+  config.input_size = 64
+  config.width_multiplier = 0.125
+  config.conv1_kernel = 5
+  config.conv1_stride = 2
+  config.dropout_rate = 0.0
+  config.task_weighting = 'uncertainty'  # or 'fixed' (HyperFace weights)
+
+  # Privacy. Give target_epsilon (sigma is calibrated for the planned steps),
+  # noise_multiplier (epsilon is reported), or both (training stops at the
+  # last step whose epsilon is within the target).
+  config.dp = True
+  config.privacy_unit = 'image'
+  config.l2_norm_clip = 1.0
+  config.target_epsilon = config_dict.placeholder(float)
+  config.target_epsilon = 5.0
+  config.noise_multiplier = config_dict.placeholder(float)
+  config.delta = 1e-5
+  config.accountant = 'pld'  # or 'rdp'
+
+  # Optimization. q = expected_batch_size / num_train_examples.
+  config.expected_batch_size = 128
+  config.num_epochs = 2.0
+  config.optimizer = 'adam'  # 'sgd', 'momentum' or 'adam'
+  config.learning_rate = 2e-3
+  config.momentum = 0.9
+  config.microbatch_size = config_dict.placeholder(int)  # None: one vmap
+
+  # Randomness. Model init, dropout and proposals follow `seed`. The DP noise
+  # and the Poisson sampler draw from OS entropy unless their seeds are set:
+  # anyone who knows the noise seed can subtract the noise, so set it only
+  # for tests and debugging (the privacy report says which was used).
+  config.seed = 0
+  config.noise_seed = config_dict.placeholder(int)
+  config.sampler_seed = config_dict.placeholder(int)
+
+  # Bookkeeping (in steps).
+  config.log_every = 10
+  config.eval_every = 0  # 0: evaluate at the end only
+  config.checkpoint_every = 50
+  config.eval_batch_size = 64
+  config.num_eval_examples = -1  # -1: the whole test split
+  return config

@@ -1,0 +1,43 @@
+"""Trains and evaluates DP HyperFace; writes metrics, checkpoints, a privacy report.
+
+  python experiments/main.py --config experiments/configs/default.py \
+      --workdir workdirs/default [--config.target_epsilon=1 ...]
+
+Re-running with the same --workdir resumes from the latest checkpoint.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dplh_jax import train  # pylint: disable=g-import-not-at-top
+from dplh_jax import report  # pylint: disable=g-import-not-at-top
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '
+                               'metrics.jsonl and privacy_report.json.',
+                               required=True)
+config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
+                                lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # Progress lines are printed.
+  try:
+    result = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+  except ValueError as error:  # Bad config or data: say so without a trace.
+    sys.exit(f'error: {error}')
+  print(report.format_summary(result['eval'], result['privacy']))
+  print(f'Privacy report: {os.path.join(_WORKDIR.value, "privacy_report.json")}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,138 @@
+"""End to end on the tiny config: train, evaluate, report, interrupt, resume."""
+
+import json
+import os
+
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+import pytest
+
+from dplh_jax import report
+from dplh_jax import run_setup
+from dplh_jax import train
+from experiments.configs import tiny
+
+TINY_CONFIG_FILE = os.path.join(os.path.dirname(__file__), '..', 'experiments',
+                                'configs', 'tiny.py')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def _config(tfds_dir, **overrides):
+  config = tiny.get_config()
+  config.data_dir = tfds_dir
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  return workdir, train.train_and_evaluate(_config(data_dir), workdir)
+
+
+def test_run_writes_a_report_that_dp_accounting_reproduces(uninterrupted):
+  workdir, result = uninterrupted
+  with open(os.path.join(workdir, 'privacy_report.json')) as f:
+    saved = json.load(f)
+  for field in ('epsilon', 'delta', 'accountant', 'noise_multiplier',
+                'sampling_prob', 'steps', 'l2_norm_clip', 'privacy_unit',
+                'num_examples', 'sampling_method',
+                'non_finite_examples_dropped'):
+    assert field in saved, field
+  assert saved['epsilon'] == pytest.approx(report.recompute_epsilon(saved),
+                                           rel=1e-12)
+  assert saved['epsilon'] <= 5.0  # the tiny config's target
+  assert saved['steps'] == 4 and saved['sampling_prob'] == 0.25
+  assert saved['noise_multiplier'] == 1.0 and saved['accountant'] == 'pld'
+  assert saved['noise_seed_source'] == 'config_seed (not secret)'
+  assert np.isfinite(result['eval']['detection_accuracy'])
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  assert [l['step'] for l in lines if l['split'] == 'train'] == [1, 2, 3, 4]
+  assert all(l['epsilon'] <= 5.0 for l in lines if l['split'] == 'train')
+  assert lines[-1]['split'] == 'eval'
+
+
+def test_interrupted_run_resumes_to_the_same_model_and_privacy(
+    uninterrupted, data_dir, tmp_path, monkeypatch):
+  """Killed after step 3 (checkpoint at 2): the resumed run replays step 3
+  with the saved sampler state and noise key, so it ends exactly where the
+  uninterrupted run did, with 4 steps counted, not 5 or 7."""
+  _, expected = uninterrupted
+  workdir = str(tmp_path)
+  real_build_batch = run_setup.input_pipeline.build_batch
+
+  def crash_at_step_3(*args, step, **kwargs):
+    if step == 3:
+      raise KeyboardInterrupt('simulated kill')
+    return real_build_batch(*args, step=step, **kwargs)
+
+  monkeypatch.setattr(run_setup.input_pipeline, 'build_batch', crash_at_step_3)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(_config(data_dir), workdir)
+  assert not os.path.exists(os.path.join(workdir, 'privacy_report.json'))
+  monkeypatch.setattr(run_setup.input_pipeline, 'build_batch',
+                      real_build_batch)
+  resumed = train.train_and_evaluate(_config(data_dir), workdir)
+
+  assert resumed['privacy']['steps'] == 4
+  assert resumed['privacy']['epsilon'] == expected['privacy']['epsilon']
+  # Same params bit for bit: every step used the noise key the uninterrupted
+  # run used at that step (a key re-derived from the seed would differ).
+  jax.tree.map(np.testing.assert_array_equal, resumed['state'].params,
+               expected['state'].params)
+  np.testing.assert_array_equal(
+      jax.random.key_data(resumed['state'].opt_state[0].noise_key),
+      jax.random.key_data(expected['state'].opt_state[0].noise_key))
+
+
+def test_plan_calibrates_sigma_to_the_target(data_dir):
+  config = _config(data_dir, noise_multiplier=None, target_epsilon=2.0,
+                   accountant='rdp', expected_batch_size=10, num_epochs=5.0)
+  plan = train.plan_privacy(config, 1000,
+                            train.accounting.PrivacyAccountant('rdp'))
+  assert plan.num_steps == 500 and plan.sampling_prob == 0.01
+  epsilon = train.accounting.epsilon(plan.noise_multiplier, 0.01, 500, 1e-5,
+                                     'rdp')
+  assert 0.99 * 2.0 <= epsilon <= 2.0
+
+
+def test_plan_with_sigma_and_target_stops_at_the_last_affordable_step(
+    data_dir):
+  config = _config(data_dir, noise_multiplier=1.0, target_epsilon=2.0,
+                   accountant='rdp', expected_batch_size=10, num_epochs=50.0)
+  plan = train.plan_privacy(config, 1000,
+                            train.accounting.PrivacyAccountant('rdp'))
+  def eps(steps):
+    return train.accounting.epsilon(1.0, 0.01, steps, 1e-5, 'rdp')
+  assert plan.num_steps < 5000
+  assert eps(plan.num_steps) <= 2.0 < eps(plan.num_steps + 1)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(noise_multiplier=-1.0, target_epsilon=None), 'noise_multiplier'),
+    (dict(noise_multiplier=None, target_epsilon=1e-4, accountant='rdp'),
+     'needs noise_multiplier >'),
+    (dict(target_epsilon=0.0), 'target_epsilon'),
+    (dict(expected_batch_size=30), 'q=1.25 > 1'),
+    (dict(noise_multiplier=0.5, target_epsilon=0.01), 'cannot pay for one'),
+    (dict(data_dir='/nonexistent/tfds'), 'data_dir'),
+])
+def test_bad_configs_fail_with_clear_messages(data_dir, tmp_path, overrides,
+                                              message):
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(_config(data_dir, **overrides), str(tmp_path))
+
+
+def test_unknown_config_key_is_rejected_by_the_flag_parser():
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', TINY_CONFIG_FILE,
+                                  flag_values=flag_values)
+  with pytest.raises(Exception, match='no_such_field'):
+    flag_values(['main.py', '--config.no_such_field=1'])
