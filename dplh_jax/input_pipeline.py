@@ -243,7 +243,9 @@ def train_batches(source: Sequence[dict[str, Any]], sampler: Any,
     source: random-access records.
     sampler: has ``sample()`` returning (indices, is_padding_example), e.g.
       ``batch_selection.PoissonSampler``; it is called once per step, in
-      order (wrap this iterator in ``prefetch`` to overlap the work).
+      order. Under ``prefetch`` it runs up to ``buffer_size + 1`` steps
+      ahead of the consumer: save its state with the consumed step, not as
+      it is when checkpointing, if a resume must replay exactly.
     config: the pipeline configuration.
     seed: seed of the proposal/flip randomness (not of the sampler).
     start_step: step number of the first batch (for resuming).

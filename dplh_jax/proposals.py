@@ -8,13 +8,14 @@ dplh_jax.datasets.face_schema.
 Proposal method (instead of DPLH's Selective Search, which needs OpenCV and
 is slow): boxes jittered around every annotated face (shift, scale and aspect
 noise; half tight, which are nearly all positives, half wide, which give hard
-negatives cutting through a face) plus boxes of random size and position. Labels (DPLH, Sec. 4
-of DESIGN.md): IoU with the best-matching face > 0.5 positive (1), < 0.35
-negative (0), in between ignored (-1). Positives carry the matched face's
-landmarks in crop coordinates (DPLH Eq. 9), its visibility (points outside
-the crop made invisible), pose and gender; other proposals carry no
-landmark/visibility/pose (zeros) and gender -1. Coordinates of invisible
-landmarks are set to 0, so no loss can ever see a stale value.
+negatives cutting through a face) plus boxes of random size and position.
+Labels (DPLH, section 4 of DESIGN.md): IoU with the best-matching face
+> 0.5 positive (1), < 0.35 negative (0), in between ignored (-1). Positives
+carry the matched face's landmarks in crop coordinates (DPLH Eq. 9), its
+visibility (points outside the crop made invisible), pose and gender; other
+proposals carry no landmark/visibility/pose (zeros) and gender -1.
+Coordinates of invisible landmarks are set to 0, so no loss can ever see a
+stale value.
 """
 
 from __future__ import annotations
@@ -157,9 +158,10 @@ def label_proposals(boxes: np.ndarray, faces: Faces, *,
   pose = np.zeros((num, 3), np.float32)
   gender = np.full((num,), face_schema.GENDER_UNKNOWN, np.int32)
   if len(faces.boxes) == 0:
-    return ProposalTargets(boxes, np.zeros(num, np.int32),
-                           np.full(num, -1, np.int32), np.zeros(num, np.float32),
-                           landmarks, visibility, pose, gender)
+    no_face = np.full(num, -1, np.int32)
+    return ProposalTargets(boxes, np.zeros(num, np.int32), no_face,
+                           np.zeros(num, np.float32), landmarks, visibility,
+                           pose, gender)
   ious = box_iou(boxes, faces.boxes)
   matched = np.argmax(ious, axis=1).astype(np.int32)
   best = ious[np.arange(num), matched]

@@ -3,6 +3,8 @@
 One example is one image with any number of annotated faces:
 
 * ``image``: uint8 (H, W, 3), stored JPEG-encoded.
+* ``image_id``: text naming the image in error messages (AFLW: its path;
+  synthetic: ``split/index``).
 * ``faces``: a sequence (one entry per face) of
 
   - ``bbox`` (4,) float32, **pixel [x, y, w, h]**: top-left corner and size,

@@ -118,7 +118,7 @@ def _background(rng: np.random.Generator, size: int,
     angle = rng.uniform(0, np.pi)
     kind = 0 if is_blob else rng.integers(3)
     # Only the pixels of the shape's bounding square are touched (speed).
-    reach = 2.0 * max(rx, ry) + 2.0
+    reach = (max(rx, ry), np.hypot(rx, ry), 2.0 * rx)[kind] + 2.0
     rows = slice(int(max(cy - reach, 0)), int(min(cy + reach, size)))
     cols = slice(int(max(cx - reach, 0)), int(min(cx + reach, size)))
     if rows.stop <= rows.start or cols.stop <= cols.start:
