@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test venv clean
+.PHONY: demo test venv clean
 
 venv: $(STAMP)
 
@@ -13,6 +13,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# The main job on the embedded default: synthetic faces, DP HyperFace on CPU.
+WORKDIR ?= workdirs/default
+demo: $(STAMP)
+	JAX_PLATFORMS=cpu $(BIN)/python experiments/main.py \
+	  --config experiments/configs/default.py --workdir $(WORKDIR)
 
 # Whole test suite (doctests of dplh_jax included), CPU only.
 test: $(STAMP)

@@ -70,6 +70,21 @@ def test_fused_clipped_sum_equals_clip_and_sum_of_per_example_grads(
   assert aux['prediction'].shape == (7, 2)
 
 
+def test_fused_path_skips_chunks_of_padding_exactly():
+  params, batch = _problem(6)
+  padding = jnp.array([False, False, False, True, True, True])
+  fused = jax.jit(per_example.clipped_grad_sum(
+      _loss, 1.0, has_aux=True, microbatch_size=2))
+  clipped, aux = fused(params, batch, 0.5, is_padding_example=padding)
+  expected = dp_transform.clip_and_sum(_loop(params, batch, 0.5), 1.0,
+                                       padding)
+  for name in params:
+    np.testing.assert_allclose(clipped.grad_sum[name],
+                               expected.grad_sum[name], rtol=1e-5, atol=1e-6)
+  assert int(clipped.num_examples) == 3
+  assert bool(jnp.all(aux['prediction'][4:] == 0))  # chunk 2 was skipped
+
+
 def test_fused_path_checks_the_padding_mask_shape():
   params, batch = _problem(4)
   with pytest.raises(ValueError, match=r'is_padding_example has shape \(7,\)'):
