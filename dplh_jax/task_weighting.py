@@ -71,6 +71,10 @@ class FixedWeighting:
   weights: Mapping[str, float] = dataclasses.field(
       default_factory=lambda: dict(HYPERFACE_LOSS_WEIGHTS))
 
+  def __hash__(self) -> int:
+    # Hashable by value, so equal weightings share a compiled train step.
+    return hash(tuple(sorted(self.weights.items())))
+
   def combine(self, params, losses: TaskScalars, counts: TaskScalars
               ) -> tuple[jax.Array, dict]:
     del params, counts  # Absent tasks already have loss exactly 0.

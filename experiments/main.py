@@ -6,7 +6,6 @@
 Re-running with the same --workdir resumes from the latest checkpoint.
 """
 
-import json
 import os
 import sys
 

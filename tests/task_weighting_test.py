@@ -123,3 +123,13 @@ def test_learned_weights_down_weight_the_noisier_task(regularizer_scale):
           task_losses[task] / (2 * regularizer_scale), rtol=0.1)
     else:
       assert float(log_var[i]) == 0.0
+
+
+def test_fixed_weighting_hashes_by_value():
+  # Equal weightings must share one compiled train step (StepSpec is a cache
+  # key), and a dict field would make the dataclass unhashable.
+  a = task_weighting.FixedWeighting()
+  b = task_weighting.FixedWeighting(dict(task_weighting.HYPERFACE_LOSS_WEIGHTS))
+  assert a == b and hash(a) == hash(b)
+  assert hash(a) != hash(task_weighting.FixedWeighting(
+      dict(task_weighting.HYPERFACE_LOSS_WEIGHTS, gender=3.0)))
