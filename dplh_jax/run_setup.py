@@ -27,6 +27,7 @@ from dplh_jax import task_weighting
 
 OPTIMIZERS = ('sgd', 'momentum', 'adam')
 TASK_WEIGHTINGS = ('uncertainty', 'fixed')
+INITIAL_TASK_WEIGHTS = ('hyperface', 'equal')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -40,6 +41,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   need(config.optimizer in OPTIMIZERS, 'optimizer', f'use one of {OPTIMIZERS}')
   need(config.task_weighting in TASK_WEIGHTINGS, 'task_weighting',
        f'use one of {TASK_WEIGHTINGS}')
+  need(config.initial_task_weights in INITIAL_TASK_WEIGHTS,
+       'initial_task_weights', f'use one of {INITIAL_TASK_WEIGHTS}')
   need(config.num_positives <= config.num_proposals, 'num_positives',
        f'must be <= num_proposals={config.num_proposals}')
   for field in ('log_every', 'checkpoint_every', 'eval_batch_size'):
@@ -118,6 +121,16 @@ def build_model(config: ml_collections.ConfigDict):
   if config.task_weighting == 'uncertainty':
     return model, task_weighting.UncertaintyWeighting()
   return model, task_weighting.FixedWeighting()
+
+
+def init_params(config: ml_collections.ConfigDict, model: models.HyperFace):
+  """Initial variables (public: no private data is read)."""
+  params = models.init_variables(model, config.seed)
+  if (config.task_weighting == 'uncertainty'
+      and config.initial_task_weights == 'hyperface'):
+    params = task_weighting.with_initial_weights(
+        params, task_weighting.HYPERFACE_LOSS_WEIGHTS)
+  return params
 
 
 def secret_key(seed: int | None) -> tuple[jax.Array, str]:

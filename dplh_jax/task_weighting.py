@@ -83,6 +83,28 @@ class FixedWeighting:
                                    for task in models.TASK_NAMES}}
 
 
+def with_initial_weights(params, weights: Mapping[str, float]):
+  """Sets log sigma^2 so the uncertainty weights start at ``weights``.
+
+  The weight of task i is ``0.5 exp(-s_i)``, so ``s_i = log(0.5 / w_i)``.
+  Starting from HyperFace's fixed weights instead of all-equal ones matters
+  under DP: with few, noisy steps the learned weights move slowly, and equal
+  weights leave the small-loss tasks (landmarks, pose) without signal. The
+  initial value is public, so it costs no privacy.
+
+  >>> import numpy as np
+  >>> params = {'params': {'log_sigma_sq': jnp.zeros(5)}}
+  >>> params = with_initial_weights(params, HYPERFACE_LOSS_WEIGHTS)
+  >>> np.round(0.5 * np.exp(-log_sigma_sq(params)), 3).tolist()
+  [1.0, 5.0, 0.5, 5.0, 2.0]
+  """
+  values = jnp.log(0.5 / jnp.array([weights[task] for task in models.TASK_NAMES],
+                                   jnp.float32))
+  current = log_sigma_sq(params)
+  return {**params, 'params': {**params['params'], models.LOG_SIGMA_SQ:
+                               values.astype(current.dtype)}}
+
+
 def log_sigma_sq(params) -> jax.Array:
   """The learned ``(num_tasks,)`` log sigma^2 vector, in TASK_NAMES order.
 

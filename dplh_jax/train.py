@@ -253,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   noise_key, noise_source = run_setup.secret_key(config.noise_seed)
   spec = StepSpec.from_config(config, model, weighting, plan.noise_multiplier)
   tx = make_optimizer(spec, noise_key)
-  params = models.init_variables(model, config.seed)
+  params = run_setup.init_params(config, model)
   # Committed to the device like a restored checkpoint, so a resumed run
   # reuses the compiled step instead of compiling a second one.
   state = jax.device_put(TrainState(jnp.int32(0), params, tx.init(params)),
