@@ -113,15 +113,10 @@ class Aflw(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=face_schema.face_features(),
+    return face_schema.face_dataset_info(
+        self, __doc__,
         homepage='https://www.tugraz.at/institute/icg/research/team-bischof/'
-                 'lrs/downloads/aflw/',
-        metadata=tfds.core.MetadataDict(bbox_format='pixel xywh',
-                                        landmark_format='pixel xy'),
-    )
+                 'lrs/downloads/aflw/')
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     sqlite_path = _find_sqlite(epath.Path(dl_manager.manual_dir))

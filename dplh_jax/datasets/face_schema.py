@@ -91,3 +91,16 @@ def empty_faces() -> dict[str, np.ndarray]:
       'pose': np.zeros((0, 3), np.float32),
       'gender': np.zeros((0,), np.int32),
   }
+
+
+def face_dataset_info(builder, description: str, homepage: str | None = None,
+                      **metadata) -> tfds.core.DatasetInfo:
+  """DatasetInfo of a face builder: the shared features and box conventions."""
+  return tfds.core.DatasetInfo(
+      builder=builder,
+      description=description,
+      features=face_features(),
+      homepage=homepage,
+      metadata=tfds.core.MetadataDict(bbox_format='pixel xywh',
+                                      landmark_format='pixel xy', **metadata),
+  )

@@ -94,15 +94,9 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=face_schema.face_features(),
-        metadata=tfds.core.MetadataDict(
-            bbox_format='pixel xywh', landmark_format='pixel xy',
-            seed=self.builder_config.seed,
-            gender_label_noise=self.builder_config.scene.gender_label_noise),
-    )
+    return face_schema.face_dataset_info(
+        self, __doc__, seed=self.builder_config.seed,
+        gender_label_noise=self.builder_config.scene.gender_label_noise)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Nothing to download.
