@@ -257,6 +257,13 @@ def dp_aggregate(
   ``PoissonSampledDpEvent(q, GaussianDpEvent(noise_multiplier))``; the caller
   must compose exactly one such event per call.
 
+  When ``params`` is passed, every gradient leaf must be shaped like its
+  parameter after the example axis: an already aggregated gradient is refused
+  (it has no per-example bound). Each call adds fresh noise and is one step
+  for the accountant, so do not accumulate its outputs over several calls
+  (e.g. with ``optax.MultiSteps``) to emulate a larger batch: accumulate a
+  :class:`ClippedSum` over microbatches instead and call ``update`` once.
+
   It must be the first transform of a chain, since later ones expect a single
   (aggregated) gradient:
 
