@@ -16,7 +16,8 @@ import dp_accounting
 from dplh_jax import accounting
 
 
-def make_report(accountant: accounting.PrivacyAccountant, *, delta: float,
+def make_report(accountant: accounting.PrivacyAccountant, *, dp: bool,
+                delta: float,
                 l2_norm_clip: float, num_examples: int,
                 expected_batch_size: float, privacy_unit: str,
                 non_finite_examples_dropped: int,
@@ -26,11 +27,18 @@ def make_report(accountant: accounting.PrivacyAccountant, *, delta: float,
 
   ``noise_multiplier``, ``sampling_prob`` and ``steps`` describe the main
   phase (the last one); ``phases`` lists every phase composed, pre-training
-  included, and ``epsilon`` covers all of them.
+  included, and ``epsilon`` covers all of them. A non-private run has no
+  guarantee: its ``epsilon`` is None (JSON null), never 0, which would claim
+  perfect privacy.
   """
+  if not dp:
+    return {'dp': False, 'epsilon': None, 'delta': None,
+            'privacy_unit': 'none (non-private)',
+            'num_examples': num_examples}
   phases = accountant.phases
   last = phases[-1] if phases else accounting.Phase(0.0, 0.0, 0)
   return {
+      'dp': True,
       'epsilon': accountant.epsilon(delta),
       'delta': delta,
       'accountant': accountant.accountant,
@@ -100,7 +108,7 @@ def format_summary(eval_metrics: dict[str, float],
   lines = ['| metric | value |', '|---|---|']
   for key, label, fmt in _SUMMARY_ROWS:
     lines.append(f'| {label} | {fmt.format(eval_metrics[key])} |')
-  if report['privacy_unit'].startswith('none'):
+  if not report['dp']:
     lines.append('| privacy | none (non-private) |')
   else:
     lines.append(

@@ -268,6 +268,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     noise_source = record['noise_seed_source']
     print(f'Resumed from step {int(state.step)}.', file=sys.stderr)
   start = int(state.step)
+  if start > plan.num_steps:
+    raise ValueError(f'The checkpoint in {workdir} is at step {start}, past '
+                     f'the {plan.num_steps} steps this config plans; use a '
+                     'new workdir.')
   if config.dp and config.target_epsilon is not None:
     planned_epsilon = accountant.epsilon_after(
         config.delta, plan.noise_multiplier, plan.sampling_prob,
@@ -317,10 +321,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer.close()
   non_finite = (int(state.opt_state[0].total_non_finite) if config.dp else 0)
   report = report_lib.make_report(
-      accountant, delta=config.delta, l2_norm_clip=config.l2_norm_clip,
+      accountant, dp=config.dp, delta=config.delta, l2_norm_clip=config.l2_norm_clip,
       num_examples=num_examples,
       expected_batch_size=config.expected_batch_size,
-      privacy_unit=config.privacy_unit if config.dp else 'none (non-private)',
+      privacy_unit=config.privacy_unit,
       non_finite_examples_dropped=non_finite,
       target_epsilon=config.target_epsilon, noise_seed_source=noise_source,
       sampler_seed_source=run_setup.seed_source(config.sampler_seed))
