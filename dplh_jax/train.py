@@ -321,8 +321,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer.close()
   non_finite = (int(state.opt_state[0].total_non_finite) if config.dp else 0)
   report = report_lib.make_report(
-      accountant, dp=config.dp, delta=config.delta, l2_norm_clip=config.l2_norm_clip,
-      num_examples=num_examples,
+      accountant, dp=config.dp, delta=config.delta,
+      l2_norm_clip=config.l2_norm_clip, num_examples=num_examples,
       expected_batch_size=config.expected_batch_size,
       privacy_unit=config.privacy_unit,
       non_finite_examples_dropped=non_finite,
