@@ -251,6 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   accountant = accounting.PrivacyAccountant(config.accountant)
   plan = plan_privacy(config, num_examples, accountant)
   noise_key, noise_source = run_setup.secret_key(config.noise_seed)
+  sampler_source = run_setup.seed_source(config.sampler_seed)
   spec = StepSpec.from_config(config, model, weighting, plan.noise_multiplier)
   tx = make_optimizer(spec, noise_key)
   params = run_setup.init_params(config, model)
@@ -265,7 +266,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     run_setup.check_resume(record, config, plan, state)
     sampler.load_state_dict(record['sampler'])
     accountant = accounting.PrivacyAccountant.from_dict(record['accountant'])
+    # The restored key and sampler state come from the first run's seeds.
     noise_source = record['noise_seed_source']
+    sampler_source = record['sampler_seed_source']
     print(f'Resumed from step {int(state.step)}.', file=sys.stderr)
   start = int(state.step)
   if start > plan.num_steps:
@@ -310,6 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       checkpointer.save(done, state, {
           'sampler': sampler_state, 'accountant': accountant.to_dict(),
           'noise_seed_source': noise_source,
+          'sampler_seed_source': sampler_source,
           'privacy_plan': dataclasses.asdict(plan)})
   checkpointer.close()
   print(f'Train step compiled {train_step._cache_size()} time(s).',  # pylint: disable=protected-access
@@ -327,6 +331,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       privacy_unit=config.privacy_unit,
       non_finite_examples_dropped=non_finite,
       target_epsilon=config.target_epsilon, noise_seed_source=noise_source,
-      sampler_seed_source=run_setup.seed_source(config.sampler_seed))
+      sampler_seed_source=sampler_source)
   report_lib.write_report(report, os.path.join(workdir, 'privacy_report.json'))
   return {'eval': eval_metrics, 'privacy': report, 'state': state}

@@ -83,6 +83,7 @@ def test_interrupted_run_resumes_to_the_same_model_and_privacy(
 
   assert resumed['privacy']['steps'] == 4
   assert resumed['privacy']['epsilon'] == expected['privacy']['epsilon']
+  assert resumed['privacy']['sampler_seed_source'] == 'config_seed (not secret)'
   # Same params bit for bit: every step used the noise key the uninterrupted
   # run used at that step (a key re-derived from the seed would differ).
   jax.tree.map(np.testing.assert_array_equal, resumed['state'].params,
