@@ -233,11 +233,18 @@ def _to_python(tree) -> dict:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       data: run_setup.Data | None = None) -> dict[str, Any]:
   """Trains, checkpoints, evaluates and writes the privacy report.
 
   Resumes from the latest checkpoint in ``workdir`` if there is one.
+
+  Args:
+    config: the run's config (see ``experiments/configs/default.py``).
+    workdir: where checkpoints, metrics and the privacy report go.
+    data: the train and test sources; None loads ``config.dataset``. The
+      privacy report counts ``len(data.train)`` examples, so a caller that
+      adds examples (for example audit canaries) gets them accounted for.
 
   Returns:
     ``{'eval': held-out metrics, 'privacy': the privacy report, 'state':
@@ -245,7 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   run_setup.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  data = run_setup.load_data(config)
+  if data is None:
+    data = run_setup.load_data(config)
   num_examples = len(data.train)
   model, weighting = run_setup.build_model(config)
   accountant = accounting.PrivacyAccountant(config.accountant)
