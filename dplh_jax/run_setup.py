@@ -47,6 +47,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f'must be <= num_proposals={config.num_proposals}')
   for field in ('log_every', 'checkpoint_every', 'eval_batch_size'):
     need(config[field] >= 1, field, 'must be >= 1')
+  need(config.eval_every >= 0, 'eval_every',
+       'must be >= 0 (0: evaluate at the end only)')
   need(config.microbatch_size is None or config.microbatch_size >= 1,
        'microbatch_size', 'must be None or >= 1')
   if not config.dp:

@@ -317,6 +317,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       run_setup.print_progress(done, plan.num_steps, rate, epsilon,
                                step_metrics)
       timer_start, timer_steps = time.time(), 0
+    if (config.eval_every and done % config.eval_every == 0
+        and done < plan.num_steps):  # The final evaluation follows the loop.
+      writer.write(done, 'eval', evaluate(
+          compiled_eval_step(model), state.params, data.test,
+          data.pipeline_config, config))
     if done % config.checkpoint_every == 0 or done == plan.num_steps:
       checkpointer.save(done, state, {
           'sampler': sampler_state, 'accountant': accountant.to_dict(),

@@ -33,7 +33,8 @@ def _config(tfds_dir, **overrides):
 @pytest.fixture(scope='module')
 def uninterrupted(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
-  return workdir, train.train_and_evaluate(_config(data_dir), workdir)
+  return workdir, train.train_and_evaluate(_config(data_dir, eval_every=2),
+                                          workdir)
 
 
 def test_run_writes_a_report_that_dp_accounting_reproduces(uninterrupted):
@@ -56,6 +57,8 @@ def test_run_writes_a_report_that_dp_accounting_reproduces(uninterrupted):
     lines = [json.loads(line) for line in f]
   assert [l['step'] for l in lines if l['split'] == 'train'] == [1, 2, 3, 4]
   assert all(l['epsilon'] <= 5.0 for l in lines if l['split'] == 'train')
+  # eval_every=2 of 4 steps: one evaluation mid-run, one at the end.
+  assert [l['step'] for l in lines if l['split'] == 'eval'] == [2, 4]
   assert lines[-1]['split'] == 'eval'
 
 

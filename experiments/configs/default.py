@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Bookkeeping (in steps).
   config.log_every = 25
-  config.eval_every = 0  # 0: evaluate at the end only
+  config.eval_every = 0  # held-out evaluation every n steps; 0: at the end only
   config.checkpoint_every = 50
   config.eval_batch_size = 64
   config.num_eval_examples = -1  # -1: the whole test split
