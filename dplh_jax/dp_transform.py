@@ -165,25 +165,81 @@ def clip_and_sum(
   sq_norms = sum(jnp.sum(jnp.square(g), axis=1) for g in grads32)
   is_finite = functools.reduce(
       jnp.logical_and, [jnp.all(jnp.isfinite(g), axis=1) for g in grads32])
+  factors = clip_factors(sq_norms, is_finite, is_real, l2_norm_clip)
+
+  def weighted_sum(g32, leaf):
+    return factors.weighted_sum(g32).reshape(leaf.shape[1:])
+
+  treedef = jax.tree.structure(per_example_grads)
+  return factors.clipped_sum(jax.tree.unflatten(
+      treedef, [weighted_sum(g, l) for g, l in zip(grads32, leaves)]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipFactors:
+  """Per-example clip scales and the counts a :class:`ClippedSum` reports.
+
+  Attributes:
+    scale: ``(n,)`` float32: ``min(1, C / ||g_i||)`` for kept examples, 0
+      for padding and non-finite ones.
+    keep: ``(n,)`` bool: real examples with a finite gradient.
+    is_real: ``(n,)`` bool: not padding.
+    is_finite: ``(n,)`` bool.
+    clipped: ``(n,)`` bool: kept examples whose norm exceeded ``C``.
+    l2_norm_clip: ``C``.
+  """
+
+  scale: jax.Array
+  keep: jax.Array
+  is_real: jax.Array
+  is_finite: jax.Array
+  clipped: jax.Array
+  l2_norm_clip: float
+
+  def weighted_sum(self, per_example: jax.Array) -> jax.Array:
+    """``sum_i scale_i * x_i`` over the leading axis; 0 where not kept.
+
+    Selected with ``where`` first, so a NaN in a dropped example cannot reach
+    the sum through ``0 * NaN``; an elementwise product and a reduction, not
+    a dot, so it is float32-exact on every backend.
+    """
+    selected = jnp.where(
+        self.keep.reshape((-1,) + (1,) * (per_example.ndim - 1)),
+        per_example, 0.0)
+    scale = self.scale.reshape((-1,) + (1,) * (per_example.ndim - 1))
+    return jnp.sum(scale * selected, axis=0)
+
+  def clipped_sum(self, grad_sum: PyTree) -> ClippedSum:
+    """Wraps a sum weighted by these factors, with the example counts."""
+    return ClippedSum(
+        grad_sum=grad_sum,
+        num_examples=jnp.sum(self.is_real, dtype=jnp.int32),
+        num_clipped=jnp.sum(self.clipped, dtype=jnp.int32),
+        num_non_finite=jnp.sum(self.is_real & ~self.is_finite,
+                               dtype=jnp.int32),
+        l2_norm_clip=self.l2_norm_clip)
+
+
+def clip_factors(sq_norms: jax.Array, is_finite: jax.Array,
+                 is_real: jax.Array, l2_norm_clip: float) -> ClipFactors:
+  """Per-example scales from squared gradient norms: the clipping rule itself.
+
+  Every path that clips (here and in ``dplh_jax.one_pass_clipping``) goes
+  through this function, so they agree on padding, NaN/Inf and overflow.
+
+  Args:
+    sq_norms: ``(n,)`` squared global L2 norms of the per-example gradients.
+    is_finite: ``(n,)`` bool, False where the gradient has a NaN/Inf entry.
+    is_real: ``(n,)`` bool, False for padding.
+    l2_norm_clip: ``C`` > 0.
+  """
   keep = is_real & is_finite
   norms = jnp.sqrt(sq_norms)
   # min(1, C/norm) without 0/0: an overflowed norm (inf) gives 0.
   scale = jnp.where(norms > l2_norm_clip, l2_norm_clip / norms, 1.0)
   scale = jnp.where(keep, scale, 0.0)
-
-  def weighted_sum(g32, leaf):
-    selected = jnp.where(keep[:, None], g32, 0.0)
-    return jnp.sum(scale[:, None] * selected, axis=0).reshape(leaf.shape[1:])
-
-  treedef = jax.tree.structure(per_example_grads)
-  return ClippedSum(
-      grad_sum=jax.tree.unflatten(
-          treedef, [weighted_sum(g, l) for g, l in zip(grads32, leaves)]),
-      num_examples=jnp.sum(is_real, dtype=jnp.int32),
-      num_clipped=jnp.sum(keep & (norms > l2_norm_clip), dtype=jnp.int32),
-      num_non_finite=jnp.sum(is_real & ~is_finite, dtype=jnp.int32),
-      l2_norm_clip=l2_norm_clip,
-  )
+  return ClipFactors(scale, keep, is_real, is_finite,
+                     keep & (norms > l2_norm_clip), l2_norm_clip)
 
 
 def _check_matches_params(grads: PyTree, params: PyTree, leading: int) -> None:

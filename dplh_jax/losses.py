@@ -194,6 +194,19 @@ def per_image_loss(params, example: Mapping[str, jax.Array],
     dropout_rng = jax.random.fold_in(rng, example['index'])
     outputs = model.apply(params, example['crops'], deterministic=False,
                           rngs={'dropout': dropout_rng})
+  return loss_from_outputs(params, outputs, example, weighting=weighting)
+
+
+def loss_from_outputs(params, outputs: Mapping[str, jax.Array],
+                      example: Mapping[str, jax.Array], *,
+                      weighting: task_weighting.Weighting
+                      ) -> tuple[jax.Array, dict]:
+  """:func:`per_image_loss` given the model's outputs for the image.
+
+  ``params`` is read only by the weighting (the learned log sigma^2), which
+  is why ``dplh_jax.one_pass_clipping`` can take this function's gradient
+  with respect to those parameters apart from the network's.
+  """
   losses, counts = task_losses(outputs, example)
   loss, weighting_metrics = weighting.combine(params, losses, counts)
   return loss, {'task_losses': losses, 'task_counts': counts,

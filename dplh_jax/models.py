@@ -280,6 +280,34 @@ class DetectionNet(nn.Module):
                                            deterministic=deterministic)
 
 
+def apply_to_images(model: nn.Module, params, crops: jax.Array,
+                    dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Runs ``model`` on the crops ``(B, K, H, W, 3)`` of B images at once.
+
+  The B*K crops go through as one batch, image-major, so every layer sees an
+  image's K rows together and apart from other images' rows (no layer here
+  mixes rows). That is what ``dplh_jax.one_pass_clipping`` needs.
+
+  Args:
+    model: HyperFace (or any module mapping ``(N, H, W, 3)`` crops to a dict
+      of ``(N, ...)`` outputs).
+    params: its variables.
+    crops: ``(B, K, H, W, 3)``.
+    dropout_rng: None for no dropout; otherwise the dropout key.
+
+  Returns:
+    The outputs with leading ``(B, K)`` axes.
+  """
+  flat = crops.reshape((-1,) + crops.shape[2:])
+  if dropout_rng is None:
+    outputs = model.apply(params, flat, deterministic=True)
+  else:
+    outputs = model.apply(params, flat, deterministic=False,
+                          rngs={'dropout': dropout_rng})
+  return jax.tree.map(lambda o: o.reshape(crops.shape[:2] + o.shape[1:]),
+                      outputs)
+
+
 # Flax's lecun_normal draws a standard normal truncated to [-2, 2] and divides
 # by that distribution's std (0.8796...) so the kernel std is sqrt(1/fan_in).
 _TRUNCATED_NORMAL_STD = 0.87962566103423978

@@ -28,6 +28,7 @@ from dplh_jax import task_weighting
 OPTIMIZERS = ('sgd', 'momentum', 'adam')
 TASK_WEIGHTINGS = ('uncertainty', 'fixed')
 INITIAL_TASK_WEIGHTS = ('hyperface', 'equal')
+CLIPPING_METHODS = ('one_pass', 'vmap')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -51,6 +52,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        'must be >= 0 (0: evaluate at the end only)')
   need(config.microbatch_size is None or config.microbatch_size >= 1,
        'microbatch_size', 'must be None or >= 1')
+  need(config.clipping in CLIPPING_METHODS, 'clipping',
+       f'use one of {CLIPPING_METHODS}')
   if not config.dp:
     return
   need(config.privacy_unit == 'image', 'privacy_unit',

@@ -37,6 +37,7 @@ from dplh_jax import input_pipeline
 from dplh_jax import losses
 from dplh_jax import metrics as metrics_lib
 from dplh_jax import models
+from dplh_jax import one_pass_clipping
 from dplh_jax import per_example
 from dplh_jax import report as report_lib
 from dplh_jax import run_setup
@@ -122,12 +123,14 @@ class StepSpec:
   learning_rate: float
   momentum: float
   microbatch_size: int | None
+  clipping: str
 
   @classmethod
   def from_config(cls, config, model, weighting, noise_multiplier):
     return cls(model, weighting, config.dp, config.l2_norm_clip,
                noise_multiplier, config.expected_batch_size, config.optimizer,
-               config.learning_rate, config.momentum, config.microbatch_size)
+               config.learning_rate, config.momentum, config.microbatch_size,
+               config.clipping)
 
 
 def make_optimizer(spec: StepSpec, noise_key) -> optax.GradientTransformation:
@@ -145,10 +148,36 @@ def make_optimizer(spec: StepSpec, noise_key) -> optax.GradientTransformation:
       optimizer)
 
 
+def _apply_to_chunk(model, params, chunk, rng):
+  """The model on a chunk of images; each chunk gets its own dropout key."""
+  dropout_rng = None if rng is None else jax.random.fold_in(
+      rng, chunk['index'][0])
+  return models.apply_to_images(model, params, chunk['crops'], dropout_rng)
+
+
+def clipped_sum_fn(spec: StepSpec):
+  """``(params, batch, rng, is_padding_example) -> (ClippedSum, aux)``.
+
+  ``'one_pass'`` (dplh_jax.one_pass_clipping) and ``'vmap'``
+  (dplh_jax.per_example) compute the same clipped sum, with the same
+  guarantee; one-pass avoids vmap's batch-grouped convolutions.
+  """
+  if spec.clipping == 'vmap':
+    return per_example.clipped_grad_sum(
+        functools.partial(losses.per_image_loss, model=spec.model,
+                          weighting=spec.weighting),
+        spec.l2_norm_clip, has_aux=True, microbatch_size=spec.microbatch_size)
+  return one_pass_clipping.clipped_grad_sum(
+      functools.partial(_apply_to_chunk, spec.model),
+      functools.partial(losses.loss_from_outputs, weighting=spec.weighting),
+      spec.l2_norm_clip, has_aux=True, microbatch_size=spec.microbatch_size)
+
+
 def make_train_step(spec: StepSpec):
   """The pure step ``(state, batch, rng) -> (state, metrics)``."""
-  loss_fn = functools.partial(losses.per_image_loss, model=spec.model,
-                              weighting=spec.weighting)
+  example_loss = functools.partial(losses.loss_from_outputs,
+                                   weighting=spec.weighting)
+  clipped_sum = clipped_sum_fn(spec) if spec.dp else None
   # The construction key is never read by update(): the key is in the state.
   tx = make_optimizer(spec, noise_key=0)
 
@@ -162,15 +191,14 @@ def make_train_step(spec: StepSpec):
   def train_step(state: TrainState, batch, rng):
     is_real = ~batch['is_padding_example']
     if spec.dp:
-      gradient, aux = per_example.clipped_grad_sum(
-          loss_fn, spec.l2_norm_clip, has_aux=True,
-          microbatch_size=spec.microbatch_size)(
-              state.params, batch, rng,
-              is_padding_example=batch['is_padding_example'])
+      gradient, aux = clipped_sum(
+          state.params, batch, rng,
+          is_padding_example=batch['is_padding_example'])
     else:
       def batch_loss(params):
-        image_losses, aux = jax.vmap(loss_fn, (None, 0, None))(params, batch,
-                                                                rng)
+        outputs = _apply_to_chunk(spec.model, params, batch, rng)
+        image_losses, aux = jax.vmap(example_loss, (None, 0, 0))(
+            params, outputs, batch)
         return mean_over_images(image_losses, is_real), aux
       gradient, aux = jax.grad(batch_loss, has_aux=True)(state.params)
     updates, opt_state = tx.update(gradient, state.opt_state, state.params)
@@ -207,12 +235,7 @@ def compiled_eval_step(model: models.HyperFace):
 
 def make_eval_step(model: models.HyperFace):
   """``(params, crops (B, K, S, S, 3)) -> outputs`` with (B, K) axes."""
-  def eval_step(params, crops):
-    flat = crops.reshape((-1,) + crops.shape[2:])
-    outputs = model.apply(params, flat, deterministic=True)
-    return jax.tree.map(lambda o: o.reshape(crops.shape[:2] + o.shape[1:]),
-                        outputs)
-  return eval_step
+  return functools.partial(models.apply_to_images, model)
 
 
 def evaluate(eval_step, params, source, pipeline_config, config) -> dict:

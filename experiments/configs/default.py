@@ -48,8 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = 'adam'  # 'sgd', 'momentum' or 'adam'
   config.learning_rate = 3e-3
   config.momentum = 0.9
-  config.microbatch_size = config_dict.placeholder(int)  # None: one vmap
-  config.microbatch_size = 8
+  # Per-example clipping: 'one_pass' (one forward and backward for the whole
+  # chunk, dplh_jax.one_pass_clipping) or 'vmap' (jax.vmap(jax.grad)); same
+  # clipped sum and guarantee, one-pass is 3-4x faster on CPU.
+  config.clipping = 'one_pass'
+  # Images per chunk. None: the whole padded batch at once (fastest on CPU,
+  # where loops run slower); set it to bound memory for large batches.
+  config.microbatch_size = config_dict.placeholder(int)
 
   # Randomness. Model init, dropout and proposals follow `seed`. The DP noise
   # and the Poisson sampler draw from OS entropy unless their seeds are set:
@@ -61,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Bookkeeping (in steps).
   config.log_every = 25
-  config.eval_every = 0  # held-out evaluation every n steps; 0: at the end only
+  config.eval_every = 0  # held-out evaluation every n steps; 0: at the end
   config.checkpoint_every = 50
   config.eval_batch_size = 64
   config.num_eval_examples = -1  # -1: the whole test split

@@ -1,0 +1,198 @@
+"""One-pass clipping computes the vmap path's clipped sum, with its guarantee."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dplh_jax import losses
+from dplh_jax import models
+from dplh_jax import one_pass_clipping
+from dplh_jax import per_example
+from dplh_jax import task_weighting
+
+# HyperFace at 32 px, 1/32 width: conv kernels get materialized per-example
+# gradients, the dense heads ghost norms, log sigma^2 its own copy.
+CONFIG = models.HyperFaceConfig(input_size=32, width_multiplier=1 / 32,
+                                conv1_kernel=3, conv1_stride=1,
+                                dropout_rate=0.0)
+MODEL = models.HyperFace(CONFIG)
+WEIGHTING = task_weighting.UncertaintyWeighting()
+NUM_IMAGES, NUM_PROPOSALS = 6, 2
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  b, k, s = NUM_IMAGES, NUM_PROPOSALS, CONFIG.input_size
+  label = np.zeros((b, k), np.int32)
+  label[:, 0] = 1
+  return {
+      'crops': rng.normal(size=(b, k, s, s, 3)).astype(np.float32),
+      'detection_label': label,
+      'landmarks': rng.uniform(size=(b, k, 21, 2)).astype(np.float32),
+      'visibility': (rng.uniform(size=(b, k, 21)) > 0.3).astype(np.float32),
+      'pose': (0.3 * rng.normal(size=(b, k, 3))).astype(np.float32),
+      'gender': rng.integers(0, 2, (b, k)).astype(np.int32),
+      'index': np.arange(b, dtype=np.int32),
+  }
+
+
+def _apply(params, chunk):
+  return models.apply_to_images(MODEL, params, chunk['crops'])
+
+
+@functools.lru_cache(maxsize=None)
+def _paths(l2_norm_clip, microbatch_size=None):
+  """Jitted (vmap, one-pass) clipped sums of HyperFace, shared by tests."""
+  vmap_path = per_example.clipped_grad_sum(
+      functools.partial(losses.per_image_loss, model=MODEL,
+                        weighting=WEIGHTING, rng=None),
+      l2_norm_clip, has_aux=True, microbatch_size=microbatch_size)
+  one_pass = one_pass_clipping.clipped_grad_sum(
+      _apply, functools.partial(losses.loss_from_outputs, weighting=WEIGHTING),
+      l2_norm_clip, has_aux=True, microbatch_size=microbatch_size)
+
+  def call(fn):
+    return jax.jit(lambda p, b, pad: fn(p, b, is_padding_example=pad)[0])
+  return call(vmap_path), call(one_pass)
+
+
+def _params():
+  params = models.init_variables(MODEL, seed=1)
+  return task_weighting.with_initial_weights(
+      params, task_weighting.HYPERFACE_LOSS_WEIGHTS)
+
+
+def test_matches_the_vmap_path_on_hyperface():
+  l2_norm_clip = 0.05  # every real example is clipped: tests the norms
+  params, batch = _params(), _batch()
+  batch['crops'][2, 1, 5, 5, 0] = np.nan  # a real example with a NaN pixel
+  padding = jnp.array([False, False, False, False, True, True])
+  vmap_path, one_pass = _paths(l2_norm_clip)
+  want, got = vmap_path(params, batch, padding), one_pass(params, batch,
+                                                          padding)
+  assert int(got.num_examples) == int(want.num_examples) == 4
+  assert int(got.num_non_finite) == int(want.num_non_finite) == 1
+  assert int(got.num_clipped) == int(want.num_clipped)
+  assert int(want.num_clipped) == 3
+  for path, leaf in jax.tree_util.tree_leaves_with_path(want.grad_sum):
+    other = got.grad_sum
+    for key in path:
+      other = other[key.key]
+    np.testing.assert_allclose(other, leaf, rtol=2e-4,
+                               atol=2e-6 * l2_norm_clip,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_removing_one_example_moves_the_sum_by_at_most_the_clip_norm():
+  """The guarantee itself: sensitivity C, every example clipped."""
+  l2_norm_clip = 0.05
+  _, one_pass = _paths(l2_norm_clip)
+  params, batch = _params(), _batch(seed=3)
+  full = one_pass(params, batch, jnp.zeros(NUM_IMAGES, bool))
+  assert int(full.num_clipped) == NUM_IMAGES
+  for i in range(NUM_IMAGES):
+    without = one_pass(params, batch, jnp.arange(NUM_IMAGES) == i)
+    diff = jax.tree.map(jnp.subtract, full.grad_sum, without.grad_sum)
+    norm = float(jnp.sqrt(sum(jnp.sum(d**2) for d in jax.tree.leaves(diff))))
+    assert norm <= l2_norm_clip * (1 + 1e-5)
+    assert norm >= l2_norm_clip * (1 - 1e-4)  # clipped to exactly C
+
+
+class _ConvNet(nn.Module):
+  """A strided, dilated, SAME-padded conv and a dense layer."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(3, (3, 3), strides=2, kernel_dilation=2, padding='SAME')(x)
+    x = nn.Conv(2, (2, 1), padding=((1, 0), (0, 1)), use_bias=False)(
+        nn.relu(x))
+    return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+def _square_loss(outputs, example):
+  return jnp.sum((outputs - example['target']) ** 2)
+
+
+@pytest.mark.parametrize('microbatch_size', [None, 2])
+def test_conv_and_dense_variants_match_vmap(microbatch_size):
+  """Conv options, padding, a NaN example and (with 2) a scanned chunk of 2
+  examples, another, and a remainder of 1."""
+  net = _ConvNet()
+  x = jax.random.normal(jax.random.key(0), (5, 3, 7, 6, 2))  # 5 ex. x 3 rows
+  x = x.at[1, 2, 2, 1, 0].set(jnp.nan)  # a pixel the strided conv reads
+  batch = {'x': x, 'target': jnp.ones((5, 3, 4))}
+  padding = jnp.array([False, False, False, True, False])
+  params = net.init(jax.random.key(1), x[0])
+
+  def apply(params, chunk):
+    flat = chunk['x'].reshape((-1,) + chunk['x'].shape[2:])
+    return net.apply(params, flat).reshape(chunk['x'].shape[:2] + (4,))
+
+  want = per_example.clipped_grad_sum(
+      lambda p, e: _square_loss(net.apply(p, e['x']), e), 1.0)(
+          params, batch, is_padding_example=padding)
+  got = one_pass_clipping.clipped_grad_sum(
+      apply, lambda p, o, e: _square_loss(o, e), 1.0,
+      microbatch_size=microbatch_size)(params, batch,
+                                       is_padding_example=padding)
+  assert int(got.num_examples) == int(want.num_examples) == 4
+  assert int(got.num_non_finite) == int(want.num_non_finite) == 1
+  assert int(got.num_clipped) == int(want.num_clipped) > 0
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
+                                 atol=1e-6), got.grad_sum, want.grad_sum)
+
+
+@pytest.mark.parametrize('rows, fan_in, fan_out', [(2, 30, 20), (40, 3, 2)])
+def test_ghost_and_materialized_norms_equal_explicit_gradients(
+    rows, fan_in, fan_out):
+  # (2, 30, 20) takes the ghost-norm branch, (40, 3, 2) the materialized one.
+  keys = jax.random.split(jax.random.key(2), 2)
+  a = jax.random.normal(keys[0], (4, rows, fan_in))
+  delta = jax.random.normal(keys[1], (4, rows, fan_out))
+  layer = one_pass_clipping._matrix_grad(a, delta, lambda m: m, True)
+  explicit = jnp.einsum('btn,bto->bno', a, delta)
+  bias = delta.sum(1)
+  want_sq = jnp.sum(explicit**2, axis=(1, 2)) + jnp.sum(bias**2, axis=1)
+  np.testing.assert_allclose(layer.sq_norm, want_sq, rtol=1e-5)
+  scale = jnp.array([1.0, 0.5, 0.0, 2.0])
+  keep = jnp.array([True, True, False, True])
+  factors = one_pass_clipping.dp_transform.ClipFactors(
+      scale, keep, keep, keep, keep, 1.0)
+  sums = layer.clipped_sum(factors)
+  np.testing.assert_allclose(
+      sums['kernel'], jnp.einsum('b,bno->no', scale, explicit), rtol=1e-5,
+      atol=1e-5)
+  np.testing.assert_allclose(sums['bias'], scale @ bias, rtol=1e-5)
+
+
+class _NormNet(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2)(nn.LayerNorm()(x))
+
+
+class _SharedNet(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    layer = nn.Dense(3)
+    return layer(layer(x))
+
+
+@pytest.mark.parametrize('net, message', [
+    (_NormNet(), 'LayerNorm_0/(scale|bias) is read by the forward pass'),
+    (_SharedNet(), 'called more than once'),
+])
+def test_unsupported_models_are_refused(net, message):
+  x = jnp.ones((2, 1, 3))
+  params = net.init(jax.random.key(0), x[0])
+  clipped = one_pass_clipping.clipped_grad_sum(
+      lambda p, chunk: net.apply(p, chunk['x'][:, 0])[:, None],
+      lambda p, o, e: jnp.sum(o), 1.0)
+  with pytest.raises(ValueError, match=message):
+    clipped(params, {'x': x})
