@@ -203,9 +203,8 @@ def loss_from_outputs(params, outputs: Mapping[str, jax.Array],
                       ) -> tuple[jax.Array, dict]:
   """:func:`per_image_loss` given the model's outputs for the image.
 
-  ``params`` is read only by the weighting (the learned log sigma^2), which
-  is why ``dplh_jax.one_pass_clipping`` can take this function's gradient
-  with respect to those parameters apart from the network's.
+  For steps that run the model on many images at once (the non-private step);
+  ``params`` is read only by the weighting (the learned log sigma^2).
   """
   losses, counts = task_losses(outputs, example)
   loss, weighting_metrics = weighting.combine(params, losses, counts)

@@ -284,9 +284,8 @@ def apply_to_images(model: nn.Module, params, crops: jax.Array,
                     dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
   """Runs ``model`` on the crops ``(B, K, H, W, 3)`` of B images at once.
 
-  The B*K crops go through as one batch, image-major, so every layer sees an
-  image's K rows together and apart from other images' rows (no layer here
-  mixes rows). That is what ``dplh_jax.one_pass_clipping`` needs.
+  The B*K crops go through as one batch (for evaluation and the non-private
+  step), which is faster on CPU than a vmap over images.
 
   Args:
     model: HyperFace (or any module mapping ``(N, H, W, 3)`` crops to a dict

@@ -1,48 +1,53 @@
 """Per-example clipped gradient sums in one forward and one backward pass.
 
-:func:`dplh_jax.per_example.clipped_grad_sum` differentiates each example on
-its own under ``jax.vmap``. That is simple and obviously per example, but on
-XLA:CPU vmap turns every convolution's weight gradient into a batch-grouped
-convolution that runs several times slower than the plain one, and the
-per-example gradients of large dense layers are materialized in full.
+:func:`dplh_jax.per_example.clipped_grad_sum` differentiates each example
+with respect to every parameter under ``jax.vmap``. On XLA:CPU, vmap turns
+each convolution's weight gradient into a batch-grouped convolution that runs
+several times slower than the plain one, and the per-example gradients of
+large dense layers are materialized in full.
 
 This module computes the same :class:`dp_transform.ClippedSum` the
 "book-keeping" way (Bu, Wang, Zha and Karypis, "Differentially private
-optimization on large model at small cost", ICML 2023), for Flax models whose
-parameters all live in ``nn.Dense`` and ``nn.Conv`` layers, plus parameters
-read only by the loss (HyperFace's learned log sigma^2):
+optimization on large model at small cost", ICML 2023). For every
+``nn.Dense`` and ``nn.Conv`` layer (exactly those types):
 
-1. One forward pass over every row of the chunk (an image's K crops are K
-   rows) records each layer's input ``a`` and adds a zero "tap" to its output
-   ``z`` (``flax.linen.intercept_methods``, nothing changes in the model).
-2. One backward pass to the taps gives ``delta = dL/dz`` for every layer; no
-   weight gradient is formed. Loss-only parameters get their per-example
-   gradients in the same pass, through a per-example copy.
-3. Example ``i``'s kernel gradient is ``sum_t a_t delta_t^T`` over its rows
-   ``t`` (for a conv, every output position of every crop, with ``a_t`` its
-   im2col patch). Its squared norm comes either from that materialized
-   gradient or, when cheaper, from Gram matrices without forming it (the
-   "ghost norm"): ``sum_{t,s} (a_t . a_s)(delta_t . delta_s)``.
-4. ``dp_transform.clip_factors`` turns the total norms into clip scales, and
+1. Under ``jax.vmap`` over examples, each example's loss is differentiated
+   with respect to a zero "tap" added to every layer's output ``z`` (through
+   ``flax.linen.intercept_methods``; the model is unchanged), giving
+   ``delta = dL_i/dz``, while the layer's input ``a`` is recorded. No weight
+   gradient is formed, so vmap adds a batch axis to activations only, never to
+   kernels. Parameters outside those layers (HyperFace's learned log sigma^2,
+   norm layers' scales) get ordinary per-example gradients in the same pass.
+2. Example ``i``'s kernel gradient is ``sum_t a_t delta_t^T`` over its rows
+   ``t`` (its crops, and for a conv every output position with ``a_t`` its
+   im2col patch). Its squared norm comes from that materialized gradient or,
+   when cheaper, from Gram matrices without forming it (the "ghost norm"):
+   ``sum_{t,s} (a_t . a_s)(delta_t . delta_s)``, plus a bound on the float32
+   rounding of both that sum and the contributed sum (below).
+3. ``dp_transform.clip_factors`` turns the total norms into clip scales, and
    the clipped sum is ``sum_i scale_i G_i`` (materialized) or
    ``sum_t a_t (scale delta)_t^T`` (ghost).
 
-Guarantee: the same as ``dp_transform.clip_and_sum``. Example ``i``
-contributes ``scale_i`` times the gradient whose norm gave ``scale_i``, both
-computed in float32 at HIGHEST matmul precision from the same ``a`` and
-``delta``, so the sum's L2 sensitivity to adding or removing one example is
-``C``. Padding and non-finite examples are selected away before any product.
+Guarantee: the same as ``dp_transform.clip_and_sum``, sensitivity ``C``.
+Example ``i`` is in its own vmap lane, so ``a`` and ``delta`` of its rows
+depend on it alone. Where the gradient is materialized, the norm and the
+contribution are the same array. Where it is not, the norm used is an upper
+bound on the contribution's norm: the Gram sum can cancel catastrophically
+in float32 (rows that nearly cancel give ~0 or even a negative value), so
+``gamma * M^2`` and ``gamma_c * M`` are added with ``M = sum_t |a_t||delta_t|``
+>= ``|G|`` and ``gamma``, ``gamma_c`` twice the first-order float32 error
+constants of the two computations. Padding and non-finite examples get scale
+0 and are selected away with ``where`` before the weighted sums.
 
-Precondition (not checked here; tested for HyperFace against the vmap path in
-tests/one_pass_clipping_test.py): ``apply_fn`` keeps each example's rows
-contiguous and in order in every layer (``(B, R, ...)`` flattened to
-``(B*R, ...)``) and no row depends on another example's rows: no BatchNorm, no
-attention across the batch. vmap guarantees that by construction; here the
-model must.
+Not supported (refused or, for the first, documented): a loss that reads a
+layer's kernel or bias outside that layer's own call (tied weights, weight
+penalties) is refused when it reads it more than once; layers inside lifted
+transforms (``nn.scan``, ``nn.remat``...) fail with an error.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 from typing import Any, Callable
@@ -57,6 +62,11 @@ from dplh_jax import per_example
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Twice float32's unit roundoff (2**-24): slack for the error bounds below.
+_ROUNDING = 2.0**-23
+# Exactly these types: a subclass may compute something else in __call__, so
+# it is left to ordinary autodiff like any other layer.
+_LAYER_TYPES = (nn.Dense, nn.Conv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,27 +74,14 @@ class _LayerGrad:
   """Per-example statistics of one layer's gradient.
 
   Attributes:
-    sq_norm: ``(B,)`` squared norm of each example's kernel + bias gradient.
-    is_finite: ``(B,)`` whether the example's inputs and output gradients at
-      this layer are finite.
+    sq_norm: ``(B,)`` squared norm (or upper bound) of each example's
+      kernel + bias contribution. A NaN/Inf in the example's inputs or output
+      gradients at this layer makes it NaN/Inf (``inf * 0`` is NaN), which is
+      how non-finite examples are found without another pass.
     clipped_sum: ``factors -> {'kernel': ..., 'bias': ...}`` weighted sums.
   """
   sq_norm: jax.Array
-  is_finite: jax.Array
   clipped_sum: Callable[[dp_transform.ClipFactors], dict[str, jax.Array]]
-
-
-def _rows_per_example(x: jax.Array, num_examples: int, width: int
-                      ) -> jax.Array:
-  """``(B*R, ..., width)`` -> ``(B, T, width)`` float32, T rows of each."""
-  if x.shape[0] % num_examples:
-    raise ValueError(f'A layer sees {x.shape[0]} rows, not a multiple of the '
-                     f'{num_examples} examples: rows must be example-major.')
-  return x.astype(jnp.float32).reshape(num_examples, -1, width)
-
-
-def _all_finite(x: jax.Array) -> jax.Array:
-  return jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
 
 
 def _matrix_grad(a: jax.Array, delta: jax.Array, to_kernel: Callable,
@@ -92,9 +89,9 @@ def _matrix_grad(a: jax.Array, delta: jax.Array, to_kernel: Callable,
   """Per-example gradient of ``z_t = a_t @ W (+ b)`` from ``(B, T, n)`` inputs
   and ``(B, T, o)`` output gradients; ``to_kernel`` maps ``(n, o)`` to the
   kernel's layout."""
+  a, delta = a.astype(jnp.float32), delta.astype(jnp.float32)
   rows, fan_in = a.shape[1:]
   fan_out = delta.shape[2]
-  is_finite = _all_finite(a) & _all_finite(delta)
   bias_grads = jnp.sum(delta, axis=1)
   sq_norm = jnp.sum(jnp.square(bias_grads), axis=1) if use_bias else 0.0
 
@@ -102,7 +99,19 @@ def _matrix_grad(a: jax.Array, delta: jax.Array, to_kernel: Callable,
     # Ghost norm: T x T Gram matrices instead of n x o gradients.
     gram_a = jnp.einsum('btn,bsn->bts', a, a, precision=_HIGHEST)
     gram_delta = jnp.einsum('bto,bso->bts', delta, delta, precision=_HIGHEST)
-    sq_norm = sq_norm + jnp.sum(gram_a * gram_delta, axis=(1, 2))
+    ghost = jnp.sum(gram_a * gram_delta, axis=(1, 2))
+    # M = sum_t |a_t| |delta_t| bounds |G| and every term's magnitude. The
+    # Gram sum is off by at most ~(n + o + T^2) u M^2 and the contributed
+    # einsum by ~T u M (u = 2**-24, first order), so this bounds the norm
+    # of what is actually added, even when rows cancel.
+    row_norms = jnp.sqrt(jnp.diagonal(gram_a, axis1=1, axis2=2)
+                         * jnp.diagonal(gram_delta, axis1=1, axis2=2))
+    total = jnp.sum(row_norms, axis=1)
+    gamma = (fan_in + fan_out + rows * rows + 4) * _ROUNDING
+    gamma_contribution = (rows + 2) * _ROUNDING
+    bound = (jnp.sqrt(jnp.maximum(ghost, 0.0) + gamma * jnp.square(total))
+             + gamma_contribution * total)
+    sq_norm = sq_norm + jnp.square(bound)  # NaN/Inf stay non-finite
 
     def kernel_sum(factors: dp_transform.ClipFactors) -> jax.Array:
       keep = factors.keep[:, None, None]
@@ -110,11 +119,12 @@ def _matrix_grad(a: jax.Array, delta: jax.Array, to_kernel: Callable,
       return jnp.einsum('btn,bto->no', jnp.where(keep, a, 0.0), scaled,
                         precision=_HIGHEST)
   else:
-    grads = jnp.einsum('btn,bto->bno', a, delta, precision=_HIGHEST)
+    # (B, o, n), not (B, n, o): XLA:CPU runs this contraction 2x faster.
+    grads = jnp.einsum('bto,btn->bon', delta, a, precision=_HIGHEST)
     sq_norm = sq_norm + jnp.sum(jnp.square(grads), axis=(1, 2))
 
     def kernel_sum(factors: dp_transform.ClipFactors) -> jax.Array:
-      return factors.weighted_sum(grads)
+      return factors.weighted_sum(grads).T
 
   def clipped_sum(factors):
     sums = {'kernel': to_kernel(kernel_sum(factors))}
@@ -122,14 +132,15 @@ def _matrix_grad(a: jax.Array, delta: jax.Array, to_kernel: Callable,
       sums['bias'] = factors.weighted_sum(bias_grads)
     return sums
 
-  return _LayerGrad(sq_norm, is_finite, clipped_sum)
+  return _LayerGrad(sq_norm, clipped_sum)
 
 
-def _dense_grad(module: nn.Dense, a: jax.Array, delta: jax.Array,
-                num_examples: int) -> _LayerGrad:
-  fan_in, fan_out = a.shape[-1], delta.shape[-1]
-  return _matrix_grad(_rows_per_example(a, num_examples, fan_in),
-                      _rows_per_example(delta, num_examples, fan_out),
+def _dense_grad(module: nn.Dense, a: jax.Array, delta: jax.Array
+                ) -> _LayerGrad:
+  """``a``, ``delta``: ``(B, ..., n)``, ``(B, ..., o)``, B examples."""
+  num_examples, fan_in, fan_out = a.shape[0], a.shape[-1], delta.shape[-1]
+  return _matrix_grad(a.reshape(num_examples, -1, fan_in),
+                      delta.reshape(num_examples, -1, fan_out),
                       lambda kernel: kernel, module.use_bias)
 
 
@@ -141,14 +152,14 @@ def _as_tuple(value, spatial: int) -> tuple[int, ...]:
   return tuple(value)
 
 
-def _patches(module: nn.Conv, a: jax.Array) -> jax.Array:
+def _patches(module: nn.Conv, window: tuple[int, ...], a: jax.Array
+             ) -> jax.Array:
   """im2col by strided slicing: ``(N, *out, *window, C)`` patches.
 
   Slicing moves memory only; ``lax.conv_general_dilated_patches`` runs a
   convolution with a one-hot filter, which costs ``window * C`` times more
   multiply-adds than the layer itself on CPU.
   """
-  window = tuple(module.kernel_size)
   spatial = len(window)
   strides = _as_tuple(module.strides, spatial)
   dilation = _as_tuple(module.kernel_dilation, spatial)
@@ -156,9 +167,6 @@ def _patches(module: nn.Conv, a: jax.Array) -> jax.Array:
       or _as_tuple(module.input_dilation, spatial) != (1,) * spatial):
     raise ValueError(f'Conv {module.name}: grouped, masked or input-dilated '
                      'convolutions are not supported by one-pass clipping.')
-  if a.ndim != spatial + 2:
-    raise ValueError(f'Conv {module.name}: expected inputs (rows, spatial..., '
-                     f'channels), got shape {a.shape}.')
   padding = module.padding
   if isinstance(padding, str) and padding.upper() in ('SAME', 'VALID'):
     dilated = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
@@ -184,34 +192,37 @@ def _patches(module: nn.Conv, a: jax.Array) -> jax.Array:
   return patches.reshape(patches.shape[:-2] + (-1,))
 
 
-def _conv_grad(module: nn.Conv, a: jax.Array, delta: jax.Array,
-               num_examples: int) -> _LayerGrad:
-  """A conv is a dense layer on its im2col patches."""
-  patches = _patches(module, a)
+def _conv_grad(module: nn.Conv, a: jax.Array, delta: jax.Array
+               ) -> _LayerGrad:
+  """A conv is a dense layer on its im2col patches. ``a``: ``(B, ...,
+  *spatial, C)`` for B examples, each with any number of images."""
+  kernel_size = (module.kernel_size,) if isinstance(
+      module.kernel_size, int) else tuple(module.kernel_size)
+  spatial = len(kernel_size)
+  num_examples = a.shape[0]
+  images = a.reshape((-1,) + a.shape[-(spatial + 1):])
+  patches = _patches(module, kernel_size, images)
   # Patch features are ordered (*window, in_channel), like Flax kernels.
-  kernel_shape = tuple(module.kernel_size) + (a.shape[-1], delta.shape[-1])
+  kernel_shape = kernel_size + (a.shape[-1], delta.shape[-1])
   return _matrix_grad(
-      _rows_per_example(patches, num_examples, patches.shape[-1]),
-      _rows_per_example(delta, num_examples, delta.shape[-1]),
+      patches.reshape(num_examples, -1, patches.shape[-1]),
+      delta.reshape(num_examples, -1, delta.shape[-1]),
       lambda matrix: matrix.reshape(kernel_shape), module.use_bias)
 
 
-_LAYER_GRADS = ((nn.Dense, _dense_grad), (nn.Conv, _conv_grad))
+def _tapped_loss(loss_fn, params, example, args, taps, modules):
+  """``loss_fn`` on one example, recording each layer's input and output and
+  adding ``taps[path]`` (if given) to its output.
 
-
-def _tapped_apply(apply_fn, params, chunk, args, taps, modules):
-  """Runs ``apply_fn``, recording each layer's input and output and adding
-  ``taps[path]`` (if given) to its output.
-
-  Returns ``(outputs, layer_inputs, layer_outputs)``, the last two keyed by
-  the layer's scope path; ``modules`` collects the layers by the same key.
+  Returns ``(loss_output, layer_inputs, layer_outputs)``, the last two keyed
+  by the layer's scope path; ``modules`` collects the layers by that key.
   """
   inputs, outputs_of = {}, {}
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     module = context.module
-    if context.method_name != '__call__' or not isinstance(
-        module, tuple(kind for kind, _ in _LAYER_GRADS)):
+    if (context.method_name != '__call__'
+        or type(module) not in _LAYER_TYPES):  # pylint: disable=unidiomatic-typecheck
       return next_fun(*call_args, **call_kwargs)
     path = module.scope.path
     if path in inputs:
@@ -224,35 +235,50 @@ def _tapped_apply(apply_fn, params, chunk, args, taps, modules):
     return out if taps is None else out + taps[path]
 
   with nn.intercept_methods(interceptor):
-    outputs = apply_fn(params, chunk, *args)
-  return outputs, inputs, outputs_of
+    out = loss_fn(params, example, *args)
+  return out, inputs, outputs_of
 
 
-def _check_loss_params_unused(apply_fn, params, chunk, args, loss_keys):
-  """Refuses parameters outside Dense/Conv layers that the forward reads
-  (GroupNorm scales, embeddings...): their per-example gradient would be
-  missing from the norm, so the clipped sum would be wrong."""
+def _count_uses(jaxpr, tracked: dict, counts: collections.Counter) -> None:
+  """Counts the equations reading each tracked variable, looking inside
+  nested jaxprs of call-like primitives (jit, custom derivatives, remat)."""
+  for eqn in jaxpr.eqns:
+    inner = eqn.params.get('jaxpr') or eqn.params.get('call_jaxpr')
+    inner = getattr(inner, 'jaxpr', inner)
+    for position, var in enumerate(eqn.invars):
+      if id(var) not in tracked:
+        continue
+      if inner is not None and len(inner.invars) == len(eqn.invars):
+        _count_uses(inner, {id(inner.invars[position]): tracked[id(var)]},
+                    counts)
+      else:
+        counts[tracked[id(var)]] += 1
+
+
+def _check_layer_params_read_once(loss_fn, params, example, args, keys):
+  """Refuses a loss that reads a layer's kernel or bias more than once (tied
+  weights, a weight penalty): one-pass clipping only sees the layer's own
+  use, so the other part of the gradient would be missing."""
   flat = traverse_util.flatten_dict(params)
-  keys = sorted(loss_keys)
+  keys = sorted(keys)
 
-  def forward(loss_leaves):
-    return apply_fn(traverse_util.unflatten_dict(
-        flat | dict(zip(keys, loss_leaves))), chunk, *args)
+  def loss_of(leaves):
+    return loss_fn(traverse_util.unflatten_dict(flat | dict(zip(keys, leaves))),
+                   example, *args)
 
-  jaxpr = jax.make_jaxpr(forward)([flat[k] for k in keys]).jaxpr
-  used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
-  used |= {id(v) for v in jaxpr.outvars}
-  for key, var in zip(keys, jaxpr.invars):
-    if id(var) in used:
+  jaxpr = jax.make_jaxpr(loss_of)([flat[k] for k in keys]).jaxpr
+  counts = collections.Counter()
+  _count_uses(jaxpr, {id(v): k for v, k in zip(jaxpr.invars, keys)}, counts)
+  for key in keys:
+    if counts[key] > 1:
       raise ValueError(
-          f'Parameter {"/".join(key)} is read by the forward pass but is not '
-          'in an nn.Dense or nn.Conv layer, so one-pass clipping cannot give '
-          'its per-example gradient; use per_example.clipped_grad_sum.')
+          f'Parameter {"/".join(key)} is read {counts[key]} times, not only by '
+          'its layer; one-pass clipping would miss part of its gradient. Use '
+          'per_example.clipped_grad_sum.')
 
 
 def clipped_grad_sum(
-    apply_fn: Callable[..., PyTree],
-    example_loss: Callable[..., Any],
+    loss_fn: Callable[..., Any],
     l2_norm_clip: float,
     *,
     has_aux: bool = False,
@@ -260,86 +286,83 @@ def clipped_grad_sum(
 ) -> Callable[..., Any]:
   """One-pass drop-in for :func:`dplh_jax.per_example.clipped_grad_sum`.
 
+  Same arguments and result (up to float rounding; see the module docstring
+  for the guarantee and what is not supported).
+
   Args:
-    apply_fn: ``apply_fn(params, chunk, *args) -> outputs``: the model on a
-      chunk of examples (a pytree with leading axis B), returning outputs
-      with leading axis B. Inside, each example's rows must stay contiguous
-      and apart from other examples' (see the module docstring).
-    example_loss: ``example_loss(params, outputs, example) -> loss`` (or
-      ``(loss, aux)``) of ONE example from its own outputs. It may read
-      parameters that the model does not (e.g. learned task weights); their
-      per-example gradients are included in the norm.
+    loss_fn: ``loss_fn(params, example, *args) -> loss`` or ``(loss, aux)``
+      of ONE example; ``params`` is a Flax variables dict.
     l2_norm_clip: clip norm ``C`` of each example's whole gradient.
-    has_aux: whether ``example_loss`` returns ``(loss, aux)``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     microbatch_size: examples per chunk; None clips the whole batch at once.
 
   Returns:
     ``(params, batch, *args, is_padding_example=None) -> clipped_sum`` (or
-    ``(clipped_sum, aux)``), equal to the vmap path's up to float rounding.
+    ``(clipped_sum, aux)``, ``aux`` per example).
   """
   l2_norm_clip = dp_transform.check_l2_norm_clip(l2_norm_clip)
 
+  def loss_and_aux(params, example, *args):
+    out = loss_fn(params, example, *args)
+    return out if has_aux else (out, None)
+
   def clip_chunk(params, chunk, is_padding_example, *args):
     num_examples = is_padding_example.shape[0]
+    first = jax.tree.map(lambda x: x[0], chunk)
     modules = {}
-    layer_outputs = jax.eval_shape(lambda: _tapped_apply(
-        apply_fn, params, chunk, args, None, modules)[2])
+    layer_outputs = jax.eval_shape(lambda: _tapped_loss(
+        loss_and_aux, params, first, args, None, modules)[2])
     flat_params = traverse_util.flatten_dict(params)
     # ('params', *layer path, 'kernel' | 'bias') belongs to a layer.
-    loss_params = {key: value for key, value in flat_params.items()
-                   if key[1:-1] not in modules}
-    _check_loss_params_unused(apply_fn, params, chunk, args, loss_params)
+    layer_keys = {key for key in flat_params if key[1:-1] in modules}
+    _check_layer_params_read_once(loss_and_aux, params, first, args,
+                                  layer_keys)
+    other_params = {key: value for key, value in flat_params.items()
+                    if key not in layer_keys}
 
-    def total_loss(taps, per_example_loss_params):
-      outputs, inputs, _ = _tapped_apply(apply_fn, params, chunk, args, taps,
-                                         {})
-
-      def one_example(own_params, example_outputs, example):
-        merged = traverse_util.unflatten_dict(flat_params | own_params)
-        out = example_loss(merged, example_outputs, example)
-        return out if has_aux else (out, None)
-
-      losses, aux = jax.vmap(one_example)(per_example_loss_params, outputs,
-                                          chunk)
-      # Rows never mix across examples, so d(sum)/dz of an example's rows is
-      # the derivative of that example's own loss.
-      return jnp.sum(losses), (inputs, aux)
+    def one_example(taps, others, example):
+      merged = traverse_util.unflatten_dict(flat_params | others)
+      (loss, aux), inputs, _ = _tapped_loss(loss_and_aux, merged, example,
+                                            args, taps, {})
+      return loss, (inputs, aux)
 
     zero_taps = {path: jnp.zeros(s.shape, s.dtype)
                  for path, s in layer_outputs.items()}
-    copies = {key: jnp.broadcast_to(value, (num_examples,) + value.shape)
-              for key, value in loss_params.items()}
-    (deltas, loss_grads), (inputs, aux) = jax.grad(
-        total_loss, argnums=(0, 1), has_aux=True)(zero_taps, copies)
+    # Each example in its own vmap lane: its deltas and inputs depend on it
+    # alone, whatever the model does inside one example.
+    (deltas, other_grads), (inputs, aux) = jax.vmap(
+        jax.grad(one_example, argnums=(0, 1), has_aux=True),
+        in_axes=(None, None, 0))(zero_taps, other_params, chunk)
 
     layer_grads = []
     for path, module in modules.items():
-      grad_of = next(fn for kind, fn in _LAYER_GRADS
-                     if isinstance(module, kind))
-      layer_grads.append((path, grad_of(module, inputs[path], deltas[path],
-                                        num_examples)))
-    loss_grads = {key: g.astype(jnp.float32).reshape(num_examples, -1)
-                  for key, g in loss_grads.items()}
+      grad_of = _dense_grad if type(module) is nn.Dense else _conv_grad  # pylint: disable=unidiomatic-typecheck
+      layer_grads.append((path, grad_of(module, inputs[path], deltas[path])))
+    other_grads = {key: g.astype(jnp.float32).reshape(num_examples, -1)
+                   for key, g in other_grads.items()}
     sq_norms = jnp.zeros((num_examples,), jnp.float32)
-    is_finite = jnp.ones((num_examples,), bool)
     for _, layer in layer_grads:
       sq_norms += layer.sq_norm
-      is_finite &= layer.is_finite
-    for g in loss_grads.values():
+    for g in other_grads.values():
       sq_norms += jnp.sum(jnp.square(g), axis=1)
-      is_finite &= _all_finite(g)
+    # Any NaN/Inf that could reach the example's contribution makes its norm
+    # non-finite (see _LayerGrad). An overflowed norm of a finite gradient is
+    # counted as non-finite too; it contributes 0 either way.
     factors = dp_transform.clip_factors(
-        sq_norms, is_finite & jnp.isfinite(sq_norms), ~is_padding_example,
-        l2_norm_clip)
+        sq_norms, jnp.isfinite(sq_norms), ~is_padding_example, l2_norm_clip)
 
     sums = {key: factors.weighted_sum(g).reshape(flat_params[key].shape)
-            for key, g in loss_grads.items()}
+            for key, g in other_grads.items()}
     for path, layer in layer_grads:
       for name, value in layer.clipped_sum(factors).items():
         sums[('params',) + path + (name,)] = value
+    for key, value in flat_params.items():
+      if key not in sums or sums[key].shape != value.shape:
+        raise ValueError(f'No gradient of the right shape for parameter '
+                         f'{"/".join(key)} {value.shape}.')
     if set(sums) != set(flat_params):
-      raise ValueError('Gradient and parameter trees differ at '
-                       f'{sorted(set(flat_params) ^ set(sums))}.')
+      raise ValueError('Gradients for unknown parameters: '
+                       f'{sorted(set(sums) - set(flat_params))}.')
     return factors.clipped_sum(traverse_util.unflatten_dict(sums)), aux
 
   return per_example.microbatched(clip_chunk, has_aux=has_aux,

@@ -148,28 +148,19 @@ def make_optimizer(spec: StepSpec, noise_key) -> optax.GradientTransformation:
       optimizer)
 
 
-def _apply_to_chunk(model, params, chunk, rng):
-  """The model on a chunk of images; each chunk gets its own dropout key."""
-  dropout_rng = None if rng is None else jax.random.fold_in(
-      rng, chunk['index'][0])
-  return models.apply_to_images(model, params, chunk['crops'], dropout_rng)
-
-
 def clipped_sum_fn(spec: StepSpec):
   """``(params, batch, rng, is_padding_example) -> (ClippedSum, aux)``.
 
   ``'one_pass'`` (dplh_jax.one_pass_clipping) and ``'vmap'``
-  (dplh_jax.per_example) compute the same clipped sum, with the same
-  guarantee; one-pass avoids vmap's batch-grouped convolutions.
+  (dplh_jax.per_example) compute the same clipped sum of the same per-image
+  loss, with the same guarantee; one-pass avoids vmap's batch-grouped
+  convolutions.
   """
-  if spec.clipping == 'vmap':
-    return per_example.clipped_grad_sum(
-        functools.partial(losses.per_image_loss, model=spec.model,
-                          weighting=spec.weighting),
-        spec.l2_norm_clip, has_aux=True, microbatch_size=spec.microbatch_size)
-  return one_pass_clipping.clipped_grad_sum(
-      functools.partial(_apply_to_chunk, spec.model),
-      functools.partial(losses.loss_from_outputs, weighting=spec.weighting),
+  clipped_grad_sum = (per_example.clipped_grad_sum if spec.clipping == 'vmap'
+                      else one_pass_clipping.clipped_grad_sum)
+  return clipped_grad_sum(
+      functools.partial(losses.per_image_loss, model=spec.model,
+                        weighting=spec.weighting),
       spec.l2_norm_clip, has_aux=True, microbatch_size=spec.microbatch_size)
 
 
@@ -196,7 +187,10 @@ def make_train_step(spec: StepSpec):
           is_padding_example=batch['is_padding_example'])
     else:
       def batch_loss(params):
-        outputs = _apply_to_chunk(spec.model, params, batch, rng)
+        # The whole batch as one flat batch of crops: faster than a vmap
+        # of per_image_loss; dropout masks differ from it, not their law.
+        outputs = models.apply_to_images(spec.model, params, batch['crops'],
+                                         rng)
         image_losses, aux = jax.vmap(example_loss, (None, 0, 0))(
             params, outputs, batch)
         return mean_over_images(image_losses, is_real), aux
