@@ -1,0 +1,39 @@
+"""Smoke test of experiments/bench_dp_step.py at a tiny size (no timing asserts)."""
+
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'experiments',
+                      'bench_dp_step.py')
+
+
+def _run(*flags):
+  out = subprocess.run([sys.executable, SCRIPT, '--model=tiny', '--json',
+                        *flags], check=True, capture_output=True, text=True,
+                       env=os.environ | {'JAX_PLATFORMS': 'cpu'})
+  return json.loads(out.stdout)
+
+
+def test_times_every_variant_and_counts_one_compile_each():
+  result = _run('--batch_size=4', '--num_proposals=2', '--rounds=1',
+                '--sampled_steps=2',
+                '--variants=nonprivate,dp_one_pass,optax_contrib')
+  variants = result['variants']
+  assert list(variants) == ['nonprivate', 'dp_one_pass', 'optax_contrib']
+  assert variants['nonprivate']['ratio_to_first'] == 1.0
+  for row in variants.values():
+    assert row['median_ms'] > 0 and row['peak_mib'] > 0
+  # Every Poisson-sampled step has the same padded size: one compile for the
+  # whole run, not one per step.
+  assert len(result['sampled_run']['padded_sizes']) == 1
+  assert result['sampled_run']['compiles'] == 1
+
+
+def test_memory_mode_reports_a_peak_per_logical_batch():
+  result = _run('--num_proposals=2', '--memory_sizes=8',
+                '--microbatch_size=4')
+  (row,) = result['memory']
+  assert row['batch_size'] == 8
+  assert row['xla_peak_mib'] > 0 and row['max_rss_mib'] > 0
