@@ -10,10 +10,17 @@ machine. Variants:
   dp_vmap        our DP step, jax.vmap(jax.grad) clipping, microbatched.
   optax_contrib  naive: vmap(grad) over the batch, then
                  optax.contrib.differentially_private_aggregate and adam.
-
-Opacus is not included: torch is not installed here (BENCHMARKS.md).
+  opacus         Opacus (GradSampleModule + DPOptimizer over Adam) on the
+                 same architecture, batch and loss in torch
+                 (experiments/bench_opacus.py). Not run by default; needs
+                 the ``bench`` extra (torch, opacus). Its peak memory is
+                 not measured (XLA's figure has no torch counterpart).
+  torch_nonprivate  the same torch model and loss, plain Adam: Opacus's
+                 same-framework baseline (torch's CPU convolutions are
+                 faster than XLA's, so compare opacus with this row).
 
   python experiments/bench_dp_step.py --model=small --batch_size=64
+  python experiments/bench_dp_step.py --variants=nonprivate,dp_one_pass,opacus
   python experiments/bench_dp_step.py --model=full --batch_size=32 --json
 
 ``--memory_sizes=256,1024,4096`` instead measures the DP step's peak memory
@@ -44,13 +51,16 @@ from dplh_jax import run_setup  # pylint: disable=g-import-not-at-top
 from dplh_jax import train  # pylint: disable=g-import-not-at-top
 from experiments.configs import default  # pylint: disable=g-import-not-at-top
 
-VARIANTS = ('nonprivate', 'dp_one_pass', 'dp_vmap', 'optax_contrib')
+JAX_VARIANTS = ('nonprivate', 'dp_one_pass', 'dp_vmap', 'optax_contrib')
+TORCH_VARIANTS = ('opacus', 'torch_nonprivate')
+VARIANTS = JAX_VARIANTS + TORCH_VARIANTS
 _MODEL = flags.DEFINE_enum('model', 'small', ['small', 'full', 'tiny'],
                            'small: the demo config; full: HyperFace at 227 '
                            'px, full width; tiny: for the smoke test.')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per step.')
 _PROPOSALS = flags.DEFINE_integer('num_proposals', 4, 'Proposals per image.')
-_VARIANTS = flags.DEFINE_list('variants', list(VARIANTS), 'What to time.')
+_VARIANTS = flags.DEFINE_list('variants', list(JAX_VARIANTS), 'What to '
+                              f'time, of {VARIANTS}.')
 _ROUNDS = flags.DEFINE_integer('rounds', 10, 'Timed rounds (one call of '
                                'every variant per round).')
 _MICROBATCH = flags.DEFINE_integer('microbatch_size', None, 'Images per chunk '
@@ -62,6 +72,9 @@ _SAMPLED_STEPS = flags.DEFINE_integer(
 _MEMORY_SIZES = flags.DEFINE_list('memory_sizes', [], 'Logical batch sizes '
                                   'for the memory sweep (e.g. 256,1024,4096).')
 _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
+_OPACUS_MODE = flags.DEFINE_enum(
+    'opacus_grad_sample_mode', 'hooks', ['hooks', 'functorch'],
+    'How Opacus forms per-image gradients (experiments/bench_opacus.py).')
 
 _VMAP_MICROBATCH = 16  # the fastest of 1/8/16/None for dp_vmap at batch 64
 
@@ -153,16 +166,57 @@ def compile_step(step, state, batch):
                     - analysis.alias_size_in_bytes)
 
 
+def import_bench_opacus():
+  """experiments/bench_opacus.py, or a UsageError if torch is missing."""
+  try:
+    from experiments import bench_opacus  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as e:
+    if e.name not in ('torch', 'opacus'):
+      raise
+    raise app.UsageError(
+        f'--variants {TORCH_VARIANTS} need torch and opacus ({e.name} is not '
+        "installed): install the bench extra, pip install -e '.[bench]'."
+    ) from e
+  return bench_opacus
+
+
+def build_torch(name, config, model, weighting, params, host_batch):
+  """A torch step (a blocking callable) and its description."""
+  bench_opacus = import_bench_opacus()
+  loss_and_grad = jax.value_and_grad(
+      lambda p, e: losses.per_image_loss(p, e, None, model=model,
+                                         weighting=weighting)[0])
+  jax_losses, grads = jax.jit(jax.vmap(loss_and_grad, (None, 0)))(
+      params, host_batch)
+  grad_norms = jnp.sqrt(sum(jnp.sum(g.reshape(len(g), -1) ** 2, axis=1)
+                            for g in jax.tree.leaves(grads)))
+  return bench_opacus.build_step(
+      model.config, params, host_batch, l2_norm_clip=config.l2_norm_clip,
+      noise_multiplier=1.0, expected_batch_size=config.expected_batch_size,
+      learning_rate=config.learning_rate, jax_losses=np.asarray(jax_losses),
+      jax_grad_norms=np.asarray(grad_norms),
+      grad_sample_mode=_OPACUS_MODE.value, num_threads=os.cpu_count(),
+      dp=name == 'opacus')
+
+
 def time_variants(config, names, batch_size, num_proposals, rounds):
+  """Times every variant in ``names`` in interleaved rounds."""
   model, weighting = run_setup.build_model(config)
   params = run_setup.init_params(config, model)
   rng = np.random.default_rng(0)
-  batch = jax.device_put(fake_batch(rng, batch_size, num_proposals,
-                                    config.input_size))
+  host_batch = fake_batch(rng, batch_size, num_proposals, config.input_size)
+  batch = jax.device_put(host_batch)
   jitted, compiled, states, results = {}, {}, {}, {}
   for name in names:
     print(f'compiling {name} ...', file=sys.stderr, flush=True)
     start = time.perf_counter()
+    if name in TORCH_VARIANTS:
+      compiled[name], info = build_torch(name, config, model, weighting,
+                                         params, host_batch)
+      compiled[name]()
+      results[name] = {'compile_and_first_s': time.perf_counter() - start,
+                       'peak_mib': None, 'times_s': []} | info
+      continue
     jitted[name], states[name] = build_variant(
         name, config, model, weighting, params,
         config.microbatch_size or _VMAP_MICROBATCH)
@@ -174,8 +228,11 @@ def time_variants(config, names, batch_size, num_proposals, rounds):
   for r in range(rounds):
     for name in names:
       start = time.perf_counter()
-      states[name] = jax.block_until_ready(
-          compiled[name](states[name], batch, jax.random.key(r))[0])
+      if name in TORCH_VARIANTS:
+        compiled[name]()  # torch on CPU returns when the step is done
+      else:
+        states[name] = jax.block_until_ready(
+            compiled[name](states[name], batch, jax.random.key(r))[0])
       results[name]['times_s'].append(time.perf_counter() - start)
     print(f'round {r + 1}/{rounds}', file=sys.stderr, flush=True)
   base = np.median(results[names[0]]['times_s'])
@@ -269,6 +326,8 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'Unknown --variants {sorted(unknown)}; use some of '
                          f'{VARIANTS}.')
+  if set(TORCH_VARIANTS) & set(_VARIANTS.value):
+    import_bench_opacus()  # fail before compiling anything
   results, steps, states = time_variants(
       config, _VARIANTS.value, _BATCH.value, _PROPOSALS.value, _ROUNDS.value)
   sampled = None
@@ -288,9 +347,22 @@ def main(argv):
   print(f'| variant | median ms | min ms | images/s | x {first} '
         '| XLA peak MiB |\n|---|---:|---:|---:|---:|---:|')
   for name, r in results.items():
+    peak = '-' if r['peak_mib'] is None else f'{r["peak_mib"]:.0f}'
     print(f'| {name} | {r["median_ms"]:.1f} | {r["min_ms"]:.1f} | '
-          f'{r["images_per_s"]:.0f} | {r["ratio_to_first"]:.2f} | '
-          f'{r["peak_mib"]:.0f} |')
+          f'{r["images_per_s"]:.0f} | {r["ratio_to_first"]:.2f} | {peak} |')
+  if 'opacus' in results:
+    r = results['opacus']
+    print(f'opacus: torch {r["torch"]}, opacus {r["opacus"]}, '
+          f'grad_sample_mode={r["grad_sample_mode"]}, {r["num_threads"]} '
+          f'threads, {r["num_params"]} parameters; at init its per-image '
+          f'losses are within {r["max_loss_diff_vs_jax"]:.1g} of JAX\'s and '
+          'its per-image gradient norms within a relative '
+          f'{r["max_grad_norm_rel_diff_vs_jax"]:.1g}; peak memory not '
+          'measured (-).')
+  if 'opacus' in results and 'torch_nonprivate' in results:
+    ratio = (results['opacus']['median_ms']
+             / results['torch_nonprivate']['median_ms'])
+    print(f'opacus / torch_nonprivate (medians): {ratio:.2f}')
   if sampled:
     print(f'Poisson-sampled run of the jitted dp_one_pass step: '
           f'{sampled["sampled_steps"]} steps, padded sizes '
