@@ -1,6 +1,7 @@
 """Privacy-utility sweep: DP runs at several budgets and seeds, and non-private.
 
   python experiments/sweep.py --config experiments/configs/default.py \
+      --config.num_epochs=1 --config.expected_batch_size=64 \
       --epsilons=10,5,1,0.7 --seeds=0,1 --outdir workdirs/sweep \
       --results_dir experiments/results/sweep
 
