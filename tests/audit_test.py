@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
+from dplh_jax import accounting
 from dplh_jax import audit
 
 
@@ -92,6 +93,54 @@ def test_non_private_release_gives_large_bound():
                                        np.random.default_rng(0))
   # 1000 of 1000 correct: logit(0.05 ** (1 / 1000)) = 5.81.
   np.testing.assert_allclose(bounds, 5.807, atol=0.005)
+
+
+def _gaussian_mechanism_bounds(sigma, trials, m, k, rng):
+  """Bounds from auditing y_i = included_i + N(0, sigma^2) on m canaries.
+
+  Changing one canary's inclusion moves one coordinate by 1: each canary
+  sees the Gaussian mechanism of sensitivity 1 and noise sigma, whose
+  (eps, delta) dp-accounting computes. The auditor guesses "included" for
+  the k largest outputs and "excluded" for the k smallest.
+  """
+  bounds = []
+  for _ in range(trials):
+    included = rng.random(m) < 0.5
+    released = included + sigma * rng.standard_normal(m)
+    guesses = audit.guesses_from_scores(released, k, k)
+    r, v = audit.count_correct(guesses, included)
+    assert r == 2 * k
+    bounds.append(audit.epsilon_lower_bound(r, v, significance=0.05))
+  return np.array(bounds)
+
+
+@pytest.mark.parametrize('sigma', [1.0, 2.0])
+def test_gaussian_mechanism_bound_is_valid_and_has_power(sigma):
+  """Gaussian mechanism with known (eps, 1e-5): bound <= eps in >= 90%.
+
+  The delta = 0 bound is applied to an (eps, delta)-DP mechanism: its
+  false-positive rate is the significance (0.05) plus a delta term, small
+  here (m * delta = 0.01). Violations are then about Binomial(200, 0.06),
+  mean 12, and we allow 20 (in fact the bound stays far below eps). The bound is also clearly positive (median above
+  a quarter of eps: sigma 1 gives ~1.5 of 4.38, sigma 2 ~0.64 of 1.99).
+  """
+  eps = accounting.epsilon(sigma, 1.0, 1, 1e-5)
+  bounds = _gaussian_mechanism_bounds(sigma, 200, 1000, 100,
+                                      np.random.default_rng(int(sigma * 10)))
+  assert np.mean(bounds <= eps) >= 0.90
+  assert np.median(bounds) > 0.25 * eps
+
+
+def test_gaussian_audit_catches_noise_on_the_wrong_scale():
+  # Claimed: sigma = 2 (eps 1.99 at 1e-5); run: sigma = 0.2, as if the noise
+  # were divided by a batch size it should not be. And no noise at all.
+  claimed_eps = accounting.epsilon(2.0, 1.0, 1, 1e-5)
+  rng = np.random.default_rng(3)
+  wrong_scale = _gaussian_mechanism_bounds(0.2, 5, 1000, 100, rng)
+  no_noise = _gaussian_mechanism_bounds(0.0, 5, 1000, 100, rng)
+  assert (wrong_scale > claimed_eps + 1.0).all()
+  # 200 of 200 correct: logit(0.05 ** (1 / 200)) = 4.19.
+  np.testing.assert_allclose(no_noise, 4.19, atol=0.01)
 
 
 def test_guesses_from_scores_and_count_correct():
