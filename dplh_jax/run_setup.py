@@ -7,7 +7,6 @@ file holds the validation, the builders and the small I/O helpers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -197,21 +196,6 @@ def sampled_batches(source, sampler: batch_selection.PoissonSampler,
     batch = input_pipeline.build_batch(source, indices, is_padding_example,
                                        pipeline_config, seed=seed, step=step)
     yield step, batch, state
-
-
-class MetricWriter:
-  """Appends ``{'step', 'split', **metrics}`` JSON lines to a file."""
-
-  def __init__(self, path: str):
-    self._file = open(path, 'a')
-
-  def write(self, step: int, split: str, values: dict[str, Any]) -> None:
-    self._file.write(json.dumps({'step': step, 'split': split, **values})
-                     + '\n')
-    self._file.flush()
-
-  def close(self) -> None:
-    self._file.close()
 
 
 def print_progress(step: int, num_steps: int, steps_per_second: float,

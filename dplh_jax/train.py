@@ -35,6 +35,7 @@ from dplh_jax import checkpoint
 from dplh_jax import dp_transform
 from dplh_jax import input_pipeline
 from dplh_jax import losses
+from dplh_jax import metric_writer
 from dplh_jax import metrics as metrics_lib
 from dplh_jax import models
 from dplh_jax import one_pass_clipping
@@ -313,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   train_step = compiled_train_step(spec)
   base_rng = jax.random.key(config.seed)
-  writer = run_setup.MetricWriter(os.path.join(workdir, 'metrics.jsonl'))
+  writer = metric_writer.MetricWriter(workdir)
   batches = input_pipeline.prefetch(run_setup.sampled_batches(
       data.train, sampler, data.pipeline_config, config.seed, start,
       plan.num_steps))

@@ -8,6 +8,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from dplh_jax import report
 from dplh_jax import run_setup
@@ -60,6 +61,22 @@ def test_run_writes_a_report_that_dp_accounting_reproduces(uninterrupted):
   # eval_every=2 of 4 steps: one evaluation mid-run, one at the end.
   assert [l['step'] for l in lines if l['split'] == 'eval'] == [2, 4]
   assert lines[-1]['split'] == 'eval'
+
+
+def test_tensorboard_events_hold_the_jsonl_scalars(uninterrupted):
+  workdir, _ = uninterrupted
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  for split in ('train', 'eval'):
+    events = event_accumulator.EventAccumulator(
+        os.path.join(workdir, 'tensorboard', split))
+    events.Reload()
+    want = [l for l in lines if l['split'] == split]
+    tag = 'epsilon' if split == 'train' else 'gender_accuracy'
+    got = events.Scalars(tag)
+    assert [e.step for e in got] == [l['step'] for l in want]
+    np.testing.assert_allclose([e.value for e in got],
+                               [l[tag] for l in want], rtol=1e-6)
 
 
 def test_interrupted_run_resumes_to_the_same_model_and_privacy(

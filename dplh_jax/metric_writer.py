@@ -1,0 +1,60 @@
+"""Metrics of a run: JSON lines, plus TensorBoard scalars without TensorFlow.
+
+``workdir/metrics.jsonl`` gets one ``{'step', 'split', **metrics}`` line per
+call; ``workdir/tensorboard/<split>/`` gets TensorBoard event files with every
+numeric metric as a scalar (view with ``tensorboard --logdir
+workdir/tensorboard``). The events are written with the ``tensorboard``
+package's own protos and record writer, which need no TensorFlow.
+
+A resumed run appends to both from its last checkpoint, so steps between that
+checkpoint and the interruption appear twice; the later value is the one of
+the run that went on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.summary.writer import event_file_writer
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, float]:
+  """The finite int/float entries (bools and None excluded)."""
+  return {key: float(value) for key, value in values.items()
+          if isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value)}
+
+
+class MetricWriter:
+  """Writes metrics of a run under ``workdir`` (see the module docstring)."""
+
+  def __init__(self, workdir: str):
+    self._workdir = workdir
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self._events: dict[str, event_file_writer.EventFileWriter] = {}
+
+  def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+    self._jsonl.write(json.dumps({'step': step, 'split': split, **values})
+                      + '\n')
+    self._jsonl.flush()
+    if split not in self._events:
+      self._events[split] = event_file_writer.EventFileWriter(
+          os.path.join(self._workdir, 'tensorboard', split))
+    summary = summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=tag, simple_value=value)
+        for tag, value in _scalars(values).items()])
+    events = self._events[split]
+    events.add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                     summary=summary))
+    events.flush()
+
+  def close(self) -> None:
+    self._jsonl.close()
+    for events in self._events.values():
+      events.close()
