@@ -168,7 +168,8 @@ class TorchHyperFace(nn.Module):
 
   def outputs(self, crops: torch.Tensor) -> dict:
     c = self.convs
-    max1 = _max_pool(c['conv1'](crops))
+    pixels = (crops - models.PIXEL_MEAN) / models.PIXEL_SCALE
+    max1 = _max_pool(c['conv1'](pixels))
     conv3 = c['conv3'](_max_pool(c['conv2'](max1)))
     pool5 = _max_pool(c['conv5'](c['conv4'](conv3)))
     fused = torch.cat([c['conv1a'](max1), c['conv3a'](conv3), pool5], dim=2)
