@@ -59,8 +59,12 @@ def _render_range(config: SyntheticFacesConfig, split: str, start: int,
 class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
   """Synthetic multi-face images with landmarks, visibility, pose, gender."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'Stronger gender cues (lipstick, beard, hair length, brow and '
+               'lip sizes), visible in 48 px crops.',
+  }
   BUILDER_CONFIGS = [
       SyntheticFacesConfig(
           name='tiny', description='24 + 8 images of 64 px, for tests.',

@@ -8,9 +8,16 @@ Faces never overlap each other and are painted after the clutter, so the
 only occluders of a landmark are the head itself and the image border, which
 is what the visibility labels encode. The gender label is a noisy attribute:
 appearance follows the true gender through several overlapping cues (hair
-length, beard, brow thickness, lip colour, head width), none decisive on its
-own, and the stored label is flipped with probability
+length, lipstick, beard, brow thickness, lip height, head width), none
+decisive on its own, and the stored label is flipped with probability
 ``gender_label_noise`` (so accuracy above 1 - noise is not attainable).
+
+The cues are drawn so that they stay visible in the demo's 48 px crops
+(version 1.1.0): lipstick on 90% of women, a beard on 60% of men, long hair
+on 90% of women and 5% of men. In version 1.0.0 (60%, 40%, 78% / 12%, paler
+lipstick, closer brow and lip sizes) even a non-private model trained on
+gender alone stayed near 0.57 accuracy after three demo epochs; with these
+cues (and the model's input scaling, models.PIXEL_MEAN) it reached 0.80.
 """
 
 from __future__ import annotations
@@ -57,8 +64,8 @@ def _sample_appearance(rng: np.random.Generator, male: bool
   skin = np.clip(skin * rng.uniform(0.92, 1.08, 3), 0, 1)
   hair = _HAIR_COLORS[rng.integers(len(_HAIR_COLORS))] * rng.uniform(0.8, 1.2)
   lips = skin * np.array([0.85, 0.55, 0.55])
-  if not male and rng.uniform() < 0.6:  # lipstick
-    lips = np.array([0.75, 0.15, 0.2]) * rng.uniform(0.7, 1.1)
+  if not male and rng.uniform() < 0.9:  # lipstick
+    lips = np.array([0.85, 0.1, 0.2]) * rng.uniform(0.8, 1.1)
   light = np.array([rng.uniform(-0.8, 0.8), rng.uniform(-0.3, 0.9), 1.0])
   return face_painter.Appearance(
       skin=skin.astype(np.float32),
@@ -66,13 +73,13 @@ def _sample_appearance(rng: np.random.Generator, male: bool
       lips=np.clip(lips, 0, 1).astype(np.float32),
       iris=rng.uniform(0.05, 0.45, 3).astype(np.float32),
       brow_thickness=float(np.clip(
-          rng.normal(0.065 if male else 0.042, 0.012), 0.02, 0.1)),
-      lip_height=float(rng.uniform(0.045, 0.07) if male
-                       else rng.uniform(0.06, 0.09)),
+          rng.normal(0.07 if male else 0.035, 0.01), 0.02, 0.1)),
+      lip_height=float(rng.uniform(0.04, 0.06) if male
+                       else rng.uniform(0.07, 0.1)),
       hairline=float(rng.uniform(0.62, 0.95) if male
                      else rng.uniform(0.6, 0.75)),
-      long_hair=bool(rng.uniform() < (0.12 if male else 0.78)),
-      beard=float(rng.uniform(0.3, 0.9) if male and rng.uniform() < 0.4
+      long_hair=bool(rng.uniform() < (0.05 if male else 0.9)),
+      beard=float(rng.uniform(0.5, 0.9) if male and rng.uniform() < 0.6
                   else 0.0),
       light=(light / np.linalg.norm(light)).astype(np.float32),
       ambient=float(rng.uniform(0.3, 0.6)))
