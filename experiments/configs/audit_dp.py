@@ -22,6 +22,7 @@ from experiments.configs import default
 
 def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
+  config.task_weighting = 'uncertainty'  # as in the committed results
   config.num_train_examples = 100
   config.num_epochs = 150.0
   config.expected_batch_size = 8

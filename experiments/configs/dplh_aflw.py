@@ -14,6 +14,7 @@ from experiments.configs import default
 def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
   config.dataset = 'aflw'
+  config.task_weighting = 'uncertainty'  # DPLH Eq. 7
   config.num_proposals = 4
   config.num_positives = 2
   config.input_size = 227

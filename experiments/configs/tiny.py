@@ -8,6 +8,7 @@ from experiments.configs import default
 def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
   config.dataset = 'synthetic_faces/tiny'
+  config.task_weighting = 'uncertainty'  # tests cover the learned weights
   config.num_proposals = 2
   config.num_positives = 1
   config.input_size = 32
