@@ -104,6 +104,32 @@ def test_gender_label_noise_flips_labels_only():
                                   1 - faces_flip['gender'])
 
 
+def test_gender_cues_follow_the_true_gender():
+  """Version 1.1.0's cue rates, 2,000 draws per gender (binomial sd <= 0.011,
+  so +-0.04 is over 3.5 sd): lipstick 90% of women, beard 60% of men, long
+  hair 90% / 5%, and thicker brows and thinner lips on men."""
+  rng = np.random.default_rng(0)
+  looks = {male: [synthetic_scene._sample_appearance(rng, male)
+                  for _ in range(2000)] for male in (False, True)}
+
+  def rate(male, has_cue):
+    return np.mean([has_cue(look) for look in looks[male]])
+
+  # Painted lips have red - green >= 0.6; natural ones (skin-toned) <= 0.45.
+  lipstick = lambda look: look.lips[0] - look.lips[1] > 0.52
+  assert rate(False, lipstick) == pytest.approx(0.9, abs=0.04)
+  assert rate(True, lipstick) == 0.0
+  assert rate(True, lambda look: look.beard > 0) == pytest.approx(0.6, abs=0.04)
+  assert rate(False, lambda look: look.beard > 0) == 0.0
+  long_hair = lambda look: look.long_hair
+  assert rate(False, long_hair) == pytest.approx(0.9, abs=0.04)
+  assert rate(True, long_hair) == pytest.approx(0.05, abs=0.04)
+  assert (np.mean([l.brow_thickness for l in looks[True]])
+          > np.mean([l.brow_thickness for l in looks[False]]) + 0.03)
+  assert (max(l.lip_height for l in looks[True])
+          <= min(l.lip_height for l in looks[False]) + 1e-9)
+
+
 def _posed(yaw, center=(50.0, 50.0), roll=0.0, pitch=0.0, scale=15.0):
   return head_model.PosedHead(
       head_model.make_head(),
