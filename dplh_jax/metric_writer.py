@@ -9,12 +9,16 @@ package's own protos and record writer, which need no TensorFlow.
 A resumed run appends to both from its last checkpoint, so steps between that
 checkpoint and the interruption appear twice; the later value is the one of
 the run that went on.
+
+Both hold the train-time monitoring metrics (losses, clip fraction, realized
+batch size), computed from private data without noise: they are not covered
+by the DP guarantee, so share them as you would the data.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import numbers
 import os
 import time
 from typing import Any
@@ -25,10 +29,17 @@ from tensorboard.summary.writer import event_file_writer
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, float]:
-  """The finite int/float entries (bools and None excluded)."""
+  """The real-number entries, NaN and inf kept (a diverging loss must show);
+  bools, None and strings left out."""
   return {key: float(value) for key, value in values.items()
-          if isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value)}
+          if isinstance(value, numbers.Real) and not isinstance(value, bool)}
+
+
+def _json_scalar(value: Any) -> Any:
+  """NumPy / JAX scalars as Python numbers, for ``json.dumps``."""
+  if getattr(value, 'shape', None) == ():
+    return value.item()
+  raise TypeError(f'{value!r} ({type(value).__name__}) is not a metric scalar')
 
 
 class MetricWriter:
@@ -40,8 +51,8 @@ class MetricWriter:
     self._events: dict[str, event_file_writer.EventFileWriter] = {}
 
   def write(self, step: int, split: str, values: dict[str, Any]) -> None:
-    self._jsonl.write(json.dumps({'step': step, 'split': split, **values})
-                      + '\n')
+    self._jsonl.write(json.dumps({'step': step, 'split': split, **values},
+                                 default=_json_scalar) + '\n')
     self._jsonl.flush()
     if split not in self._events:
       self._events[split] = event_file_writer.EventFileWriter(

@@ -4,8 +4,9 @@
 only parses flags. One DP step is::
 
     Poisson sample (rate q) -> per-image examples, padded -> clipped_grad_sum
-    (per image: all its proposals, all five task losses, the learned log sigma^2
-    weights) -> dp_aggregate (noise once, / expected batch) -> optimizer
+    (per image: all its proposals, all five task losses and, with
+    task_weighting='uncertainty', the learned log sigma^2 weights)
+    -> dp_aggregate (noise once, / expected batch) -> optimizer
     -> accountant.compose(sigma, q, 1)
 
 Privacy plan. With ``target_epsilon`` alone, sigma is calibrated so the
@@ -288,7 +289,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sampler = run_setup.build_sampler(config, num_examples)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   if checkpointer.latest_step() is not None:
-    state, record = checkpointer.restore(state)
+    try:
+      state, record = checkpointer.restore(state)
+    except ValueError as error:  # Orbax: the saved tree is not this config's.
+      raise ValueError(
+          f'The checkpoint in {workdir} does not fit this config (did '
+          'task_weighting, the model size or the optimizer change?); use a '
+          f'new workdir. Orbax said: {error}') from error
     run_setup.check_resume(record, config, plan, state)
     sampler.load_state_dict(record['sampler'])
     accountant = accounting.PrivacyAccountant.from_dict(record['accountant'])

@@ -109,7 +109,6 @@ def _gaussian_mechanism_bounds(sigma, trials, m, k, rng):
     released = included + sigma * rng.standard_normal(m)
     guesses = audit.guesses_from_scores(released, k, k)
     r, v = audit.count_correct(guesses, included)
-    assert r == 2 * k
     bounds.append(audit.epsilon_lower_bound(r, v, significance=0.05))
   return np.array(bounds)
 
@@ -131,7 +130,7 @@ def test_gaussian_mechanism_bound_is_valid_and_has_power(sigma):
   assert np.median(bounds) > 0.25 * eps
 
 
-def test_gaussian_audit_catches_noise_on_the_wrong_scale():
+def test_audit_flags_a_simulated_mechanism_with_too_little_noise():
   # Claimed: sigma = 2 (eps 1.99 at 1e-5); run: sigma = 0.2, as if the noise
   # were divided by a batch size it should not be. And no noise at all.
   claimed_eps = accounting.epsilon(2.0, 1.0, 1, 1e-5)

@@ -79,6 +79,20 @@ def test_tensorboard_events_hold_the_jsonl_scalars(uninterrupted):
                                [l[tag] for l in want], rtol=1e-6)
 
 
+def test_fixed_task_weights_train_and_refuse_a_learned_weights_resume(
+    data_dir, tmp_path):
+  """The demo's default weighting: no log sigma^2 parameter; a workdir of it
+  cannot be resumed with learned weights (a clear error, not Orbax's)."""
+  workdir = str(tmp_path)
+  result = train.train_and_evaluate(_config(data_dir, task_weighting='fixed'),
+                                    workdir)
+  assert 'log_sigma_sq' not in result['state'].params['params']
+  assert result['privacy']['steps'] == 4
+  assert np.isfinite(result['eval']['gender_accuracy'])
+  with pytest.raises(ValueError, match='does not fit this config'):
+    train.train_and_evaluate(_config(data_dir), workdir)
+
+
 def test_interrupted_run_resumes_to_the_same_model_and_privacy(
     uninterrupted, data_dir, tmp_path, monkeypatch):
   """Killed after step 3 (checkpoint at 2): the resumed run replays step 3

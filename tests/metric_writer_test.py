@@ -1,0 +1,40 @@
+"""MetricWriter: JSON lines and TensorBoard scalars hold the same numbers."""
+
+import json
+import math
+import os
+
+import numpy as np
+from tensorboard.backend.event_processing import event_accumulator
+
+from dplh_jax import metric_writer
+
+
+def _scalars(workdir, split, tag):
+  events = event_accumulator.EventAccumulator(
+      os.path.join(workdir, 'tensorboard', split))
+  events.Reload()
+  return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_numbers_nan_included_reach_tensorboard_and_the_rest_is_left_out(
+    tmp_path):
+  workdir = str(tmp_path)
+  writer = metric_writer.MetricWriter(workdir)
+  writer.write(1, 'train', {'loss': 0.5, 'count': 3, 'epsilon': None,
+                            'dp': True, 'name': 'x'})
+  writer.write(2, 'train', {'loss': float('nan'), 'count': np.int64(4)})
+  writer.write(2, 'eval', {'accuracy': np.float32(0.25)})
+  writer.close()
+  loss = _scalars(workdir, 'train', 'loss')
+  assert loss[0] == (1, 0.5) and loss[1][0] == 2 and math.isnan(loss[1][1])
+  assert _scalars(workdir, 'train', 'count') == [(1, 3.0), (2, 4.0)]
+  assert _scalars(workdir, 'eval', 'accuracy') == [(2, 0.25)]
+  tags = event_accumulator.EventAccumulator(
+      os.path.join(workdir, 'tensorboard', 'train'))
+  tags.Reload()
+  assert sorted(tags.Tags()['scalars']) == ['count', 'loss']
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    first = json.loads(f.readline())
+  assert first == {'step': 1, 'split': 'train', 'loss': 0.5, 'count': 3,
+                   'epsilon': None, 'dp': True, 'name': 'x'}
