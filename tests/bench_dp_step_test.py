@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 
-SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'experiments',
-                      'bench_dp_step.py')
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), '..', 'experiments')
+SCRIPT = os.path.join(EXPERIMENTS, 'bench_dp_step.py')
 
 
 def _run(*flags):
@@ -38,3 +38,16 @@ def test_memory_mode_reports_a_peak_per_logical_batch():
   (row,) = result['memory']
   assert row['batch_size'] == 8
   assert row['xla_peak_mib'] > 0 and row['max_rss_mib'] > 0
+
+
+def test_clip_parts_times_each_piece():
+  out = subprocess.run(
+      [sys.executable, os.path.join(EXPERIMENTS, 'bench_clip_parts.py'),
+       '--model=tiny', '--batch_size=2', '--num_proposals=2', '--rounds=1',
+       '--clippings=one_pass'], check=True, capture_output=True, text=True,
+      env=os.environ | {'JAX_PLATFORMS': 'cpu'}).stdout
+  rows = [line for line in out.splitlines() if line.startswith('| ')][1:]
+  assert [row.split(' | ')[0] for row in rows] == [
+      '| forward (flat batch)', '| gradient (non-private)',
+      '| clipped sum (one_pass)']
+  assert rows[1].endswith('| 1.00 |')
