@@ -18,7 +18,6 @@ has_gender           (B,)            bool    every face has a known gender
 boxes                (B, K, 4)       float32 proposal, pixel [x, y, w, h]
 face_boxes           (B, K, 4)       float32 matched face box, 0 if none
 image_index          (B,)            int32   source index, -1 for padding
-index                (B,)            int32   position in the batch
 is_padding_example   (B,)            bool    slot holds no image
 ==================== =============== ======= ================================
 
@@ -30,7 +29,12 @@ so they add zero loss even before the is_padding_example mask is applied.
 Randomness never comes from global state: a training image draws its
 proposals and flip from ``default_rng([seed, 1, step, index])``; evaluation
 uses ``default_rng([seed, 2, index])`` and never flips, so it is the same in
-every epoch and every process.
+every epoch and every process. Here ``index`` is the image's source index
+(``image_index``), its identity: the randomness of an image depends only on
+that, the step and the seed, never on its slot in the batch or on which other
+images were sampled (privacy rule 8). For the same reason a batch carries no
+slot position: the model's dropout is keyed by ``image_index`` too
+(``losses.per_image_loss``).
 """
 
 from __future__ import annotations
@@ -228,7 +232,6 @@ def build_batch(source: Sequence[dict[str, Any]], indices: np.ndarray,
                                    train=train)
   batch = {key: np.stack([example[key] for example in examples])
            for key in padding}
-  batch['index'] = np.arange(len(indices), dtype=np.int32)
   batch['is_padding_example'] = is_padding_example
   return batch
 

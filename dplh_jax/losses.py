@@ -175,12 +175,16 @@ def per_image_loss(params, example: Mapping[str, jax.Array],
   Args:
     params: HyperFace variables, ``{'params': ...}``.
     example: one image: ``crops`` (K, H, W, 3), the targets (module docstring)
-      and, when ``rng`` is given, ``index``, an int scalar unique within the
-      batch (e.g. the position in the padded batch).
-    rng: None for deterministic evaluation (no dropout); otherwise a key
-      shared by the whole batch. ``per_example_grads`` broadcasts it, so the
-      image's dropout key is ``fold_in(rng, example['index'])`` to give every
-      image its own dropout mask.
+      and, when ``rng`` is given, ``image_index``, the image's index in the
+      data set (its identity; ``input_pipeline.build_batch`` sets it).
+    rng: None for deterministic evaluation (no dropout); otherwise the step's
+      key (``fold_in(seed key, step)``), shared by the whole batch.
+      ``per_example_grads`` broadcasts it, and the image's dropout key is
+      ``fold_in(rng, example['image_index'])``: every image gets its own mask,
+      which depends only on the image, the step and the seed (privacy rule
+      8), never on its slot in the batch or on which other images were
+      sampled. A mask keyed by the slot would change for every image after
+      a removed one, and the clipped sum would move by more than ``C``.
     model: a ``HyperFace`` module.
     weighting: how task losses combine (``task_weighting``).
 
@@ -191,7 +195,7 @@ def per_image_loss(params, example: Mapping[str, jax.Array],
   if rng is None:
     outputs = model.apply(params, example['crops'], deterministic=True)
   else:
-    dropout_rng = jax.random.fold_in(rng, example['index'])
+    dropout_rng = jax.random.fold_in(rng, example['image_index'])
     outputs = model.apply(params, example['crops'], deterministic=False,
                           rngs={'dropout': dropout_rng})
   return loss_from_outputs(params, outputs, example, weighting=weighting)

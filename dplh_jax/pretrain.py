@@ -27,8 +27,9 @@ def detection_pretrain_loss(params, example: Mapping[str, jax.Array],
   """Detection cross-entropy of ONE image's proposals, for DP pre-training.
 
   Same contract as :func:`dplh_jax.losses.per_image_loss` (one image = one
-  unit of privacy; ``rng`` is folded with ``example['index']``), but only
-  ``crops`` and ``detection_label`` are read.
+  unit of privacy; the dropout key is ``fold_in(rng, example['image_index'])``,
+  the image's identity, never its slot: privacy rule 8), but only ``crops``,
+  ``detection_label`` and, with ``rng``, ``image_index`` are read.
 
   Returns:
     ``(loss, {'task_losses': {'detection': loss}, 'task_counts': {...}})``.
@@ -38,7 +39,8 @@ def detection_pretrain_loss(params, example: Mapping[str, jax.Array],
   else:
     logits = model.apply(
         params, example['crops'], deterministic=False,
-        rngs={'dropout': jax.random.fold_in(rng, example['index'])})
+        rngs={'dropout': jax.random.fold_in(rng,
+                                                 example['image_index'])})
   loss, count = losses.detection_loss(logits, example['detection_label'])
   return loss, {'task_losses': {'detection': loss},
                 'task_counts': {'detection': count}}

@@ -113,7 +113,7 @@ def fake_batch(rng: np.random.Generator, num_images: int, num_proposals: int,
           np.float32),
       'pose': (0.3 * rng.normal(size=(num_images, k, 3))).astype(np.float32),
       'gender': rng.integers(0, 2, (num_images, k)).astype(np.int32),
-      'index': np.arange(num_images, dtype=np.int32),
+      'image_index': np.arange(num_images, dtype=np.int32),
       'is_padding_example': np.arange(num_images) >= real,
   }
 

@@ -72,7 +72,6 @@ def test_batch_keys_shapes_and_dtypes(source):
       'boxes': ((4, k, 4), np.float32),
       'face_boxes': ((4, k, 4), np.float32),
       'image_index': ((4,), np.int32),
-      'index': ((4,), np.int32),
       'is_padding_example': ((4,), np.bool_),
   }
   assert {key: (v.shape, v.dtype) for key, v in batch.items()} == expected
@@ -160,7 +159,8 @@ def test_several_chunks_are_one_batch(source):
   batch = input_pipeline.build_batch(source, indices, indices < 0, _CONFIG,
                                      seed=0, step=0)
   assert batch['crops'].shape[0] == 16
-  assert batch['index'].tolist() == list(range(16))
+  assert batch['image_index'].tolist() == list(range(12)) + [-1] * 4
+  assert 'index' not in batch  # no slot position to key randomness on
 
 
 def test_missing_labels_clear_availability_flags():

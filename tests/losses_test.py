@@ -189,7 +189,7 @@ def _random_batch(seed, ignore_everything=False):
           np.float32),
       'pose': rng.uniform(-1, 1, (B, NUM_PROPOSALS, 3)).astype(np.float32),
       'gender': rng.integers(-1, 2, (B, NUM_PROPOSALS)).astype(np.int32),
-      'index': np.arange(B, dtype=np.int32),
+      'image_index': np.arange(B, dtype=np.int32),
   }
 
 
@@ -235,14 +235,19 @@ def test_dropout_key_is_per_image_and_reproducible(dp_setup):
   _, params, grads_fn, _, _ = dp_setup
   batch = _random_batch(0)
   same = jax.tree.map(lambda x: np.stack([x[0], x[0]]), batch)
-  same['index'] = np.arange(B, dtype=np.int32)
+  same['image_index'] = np.array([3, 8], np.int32)
   _, aux = grads_fn(params, same, jax.random.key(5))
   _, aux_again = grads_fn(params, same, jax.random.key(5))
   losses_ = np.asarray(aux['task_losses']['landmarks'])
-  # Two copies of one image, different index: different dropout masks.
+  # One image's crops as two data-set images: different dropout masks.
   assert losses_[0] != losses_[1]
   np.testing.assert_array_equal(losses_,
                                 aux_again['task_losses']['landmarks'])
+  # The mask follows the image's identity, not its slot (rule 8).
+  same['image_index'] = np.array([8, 8], np.int32)
+  _, aux_same = grads_fn(params, same, jax.random.key(5))
+  np.testing.assert_array_equal(aux_same['task_losses']['landmarks'],
+                                losses_[[1, 1]])
 
 
 def test_log_sigma_grads_are_inside_the_clipped_norm(dp_setup):

@@ -61,7 +61,7 @@ def test_transferred_hyperface_detects_like_the_pretrained_net(two_models):
   rng = np.random.default_rng(0)
   example = {'crops': rng.uniform(size=(4, 64, 64, 3)).astype(np.float32),
              'detection_label': np.array([1, 0, -1, 0], np.int32),
-             'index': np.int32(3)}
+             'image_index': np.int32(3)}
 
   @jax.jit
   def run(new, detection_params):
