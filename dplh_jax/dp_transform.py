@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dplh_jax import clip_norms
+
 PyTree = Any
 
 
@@ -118,11 +120,14 @@ def clip_and_sum(
   """Clips each example's gradient to global L2 norm ``l2_norm_clip`` and sums.
 
   Guarantee: the returned ``grad_sum`` changes by at most ``l2_norm_clip`` in
-  L2 norm when one real example is added or removed. Padding examples and
-  examples with any NaN/Inf entry (after the cast to float32) contribute
-  exactly zero: they are selected away with ``where``, so a NaN cannot leak
-  into the sum through ``0 * NaN``. A finite gradient whose squared norm
-  overflows float32 gets scale 0. The weighted sum is an elementwise multiply
+  L2 norm (up to float32 rounding, relative ~1e-7) when one real example is
+  added or removed, for every finite float32 input: the norm is computed
+  after scaling each example by a power of two so that no square underflows
+  or overflows, and the sum adds exactly the scaled values the norm was
+  computed from (``clip_norms``). Padding examples and examples with any
+  NaN/Inf entry (after the cast to float32) contribute exactly zero and are
+  counted: they are selected away with ``where``, so a NaN cannot leak into
+  the sum through ``0 * NaN``. The weighted sum is an elementwise multiply
   and reduction, not a matrix product, so it is exact to float32 rounding on
   every backend (a dot would run in TF32 or bfloat16 on GPUs and TPUs by
   default, and its rounding could push one example past ``C``).
@@ -162,84 +167,31 @@ def clip_and_sum(
   # Cast once, so the finiteness check, the norm and the sum see the same
   # values (a float64 1e39 is finite but becomes inf in float32).
   grads32 = [g.astype(jnp.float32).reshape(num_examples, -1) for g in leaves]
-  sq_norms = sum(jnp.sum(jnp.square(g), axis=1) for g in grads32)
   is_finite = functools.reduce(
       jnp.logical_and, [jnp.all(jnp.isfinite(g), axis=1) for g in grads32])
-  factors = clip_factors(sq_norms, is_finite, is_real, l2_norm_clip)
+  # The norm and the sum both read the example scaled by a power of two, so
+  # no square underflows or overflows and the norm bounds what is added.
+  norms, scaled, exponent = clip_norms.scaled_norms(grads32)
+  factors = clip_norms.clip_factors(norms, is_finite, is_real, l2_norm_clip)
 
   def weighted_sum(g32, leaf):
-    return factors.weighted_sum(g32).reshape(leaf.shape[1:])
+    return factors.weighted_sum(g32, exponent).reshape(leaf.shape[1:])
 
   treedef = jax.tree.structure(per_example_grads)
-  return factors.clipped_sum(jax.tree.unflatten(
-      treedef, [weighted_sum(g, l) for g, l in zip(grads32, leaves)]))
+  return clipped_sum_of(factors, jax.tree.unflatten(
+      treedef, [weighted_sum(g, l) for g, l in zip(scaled, leaves)]))
 
 
-@dataclasses.dataclass(frozen=True)
-class ClipFactors:
-  """Per-example clip scales and the counts a :class:`ClippedSum` reports.
-
-  Attributes:
-    scale: ``(n,)`` float32: ``min(1, C / ||g_i||)`` for kept examples, 0
-      for padding and non-finite ones.
-    keep: ``(n,)`` bool: real examples with a finite gradient.
-    is_real: ``(n,)`` bool: not padding.
-    is_finite: ``(n,)`` bool.
-    clipped: ``(n,)`` bool: kept examples whose norm exceeded ``C``.
-    l2_norm_clip: ``C``.
-  """
-
-  scale: jax.Array
-  keep: jax.Array
-  is_real: jax.Array
-  is_finite: jax.Array
-  clipped: jax.Array
-  l2_norm_clip: float
-
-  def weighted_sum(self, per_example: jax.Array) -> jax.Array:
-    """``sum_i scale_i * x_i`` over the leading axis; 0 where not kept.
-
-    Selected with ``where`` first, so a NaN in a dropped example cannot reach
-    the sum through ``0 * NaN``; an elementwise product and a reduction, not
-    a dot, so it is float32-exact on every backend.
-    """
-    selected = jnp.where(
-        self.keep.reshape((-1,) + (1,) * (per_example.ndim - 1)),
-        per_example, 0.0)
-    scale = self.scale.reshape((-1,) + (1,) * (per_example.ndim - 1))
-    return jnp.sum(scale * selected, axis=0)
-
-  def clipped_sum(self, grad_sum: PyTree) -> ClippedSum:
-    """Wraps a sum weighted by these factors, with the example counts."""
-    return ClippedSum(
-        grad_sum=grad_sum,
-        num_examples=jnp.sum(self.is_real, dtype=jnp.int32),
-        num_clipped=jnp.sum(self.clipped, dtype=jnp.int32),
-        num_non_finite=jnp.sum(self.is_real & ~self.is_finite,
-                               dtype=jnp.int32),
-        l2_norm_clip=self.l2_norm_clip)
-
-
-def clip_factors(sq_norms: jax.Array, is_finite: jax.Array,
-                 is_real: jax.Array, l2_norm_clip: float) -> ClipFactors:
-  """Per-example scales from squared gradient norms: the clipping rule itself.
-
-  Every path that clips (here and in ``dplh_jax.one_pass_clipping``) goes
-  through this function, so they agree on padding, NaN/Inf and overflow.
-
-  Args:
-    sq_norms: ``(n,)`` squared global L2 norms of the per-example gradients.
-    is_finite: ``(n,)`` bool, False where the gradient has a NaN/Inf entry.
-    is_real: ``(n,)`` bool, False for padding.
-    l2_norm_clip: ``C`` > 0.
-  """
-  keep = is_real & is_finite
-  norms = jnp.sqrt(sq_norms)
-  # min(1, C/norm) without 0/0: an overflowed norm (inf) gives 0.
-  scale = jnp.where(norms > l2_norm_clip, l2_norm_clip / norms, 1.0)
-  scale = jnp.where(keep, scale, 0.0)
-  return ClipFactors(scale, keep, is_real, is_finite,
-                     keep & (norms > l2_norm_clip), l2_norm_clip)
+def clipped_sum_of(factors: clip_norms.ClipFactors, grad_sum: PyTree
+                   ) -> ClippedSum:
+  """Wraps a sum weighted by ``factors`` with the example counts."""
+  return ClippedSum(
+      grad_sum=grad_sum,
+      num_examples=jnp.sum(factors.is_real, dtype=jnp.int32),
+      num_clipped=jnp.sum(factors.clipped, dtype=jnp.int32),
+      num_non_finite=jnp.sum(factors.is_real & ~factors.keep,
+                             dtype=jnp.int32),
+      l2_norm_clip=factors.l2_norm_clip)
 
 
 def _check_matches_params(grads: PyTree, params: PyTree, leading: int) -> None:
@@ -384,11 +336,15 @@ def dp_aggregate(
         _check_matches_params(updates, params, leading=1)
       clipped = clip_and_sum(updates, l2_norm_clip, is_padding_example)
       like = updates
+    if params is not None:
+      like = params  # updates in the parameters' dtype, on both paths
     noise_key, next_key = jax.random.split(state.noise_key)
     noised_sum = add_noise(clipped.grad_sum, noise_std, noise_key)
-    # Divide in float32, then return each leaf in its gradient's dtype.
-    mean = jax.tree.map(lambda g, ref: (g / expected_batch_size).astype(ref.dtype),
-                        noised_sum, like)
+    # Divide in float32, then return each leaf in its parameter's dtype (or,
+    # without params, its per-example gradient's; a ClippedSum's is float32).
+    mean = jax.tree.map(
+        lambda g, ref: (g / expected_batch_size).astype(jnp.result_type(ref)),
+        noised_sum, like)
     new_state = DpAggregateState(
         noise_key=next_key,
         num_updates=state.num_updates + 1,

@@ -57,6 +57,7 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
+from dplh_jax import clip_norms
 from dplh_jax import dp_transform
 from dplh_jax import per_example
 
@@ -74,14 +75,41 @@ class _LayerGrad:
   """Per-example statistics of one layer's gradient.
 
   Attributes:
-    sq_norm: ``(B,)`` squared norm (or upper bound) of each example's
-      kernel + bias contribution. A NaN/Inf in the example's inputs or output
-      gradients at this layer makes it NaN/Inf (``inf * 0`` is NaN), which is
+    norm: ``(B,)`` norm (or upper bound) of each example's kernel + bias
+      contribution. A NaN/Inf in the example's inputs or output gradients at
+      this layer makes its mantissa NaN/Inf (``inf * 0`` is NaN), which is
       how non-finite examples are found without another pass.
     clipped_sum: ``factors -> {'kernel': ..., 'bias': ...}`` weighted sums.
   """
-  sq_norm: jax.Array
-  clipped_sum: Callable[[dp_transform.ClipFactors], dict[str, jax.Array]]
+  norm: clip_norms.ScaledNorm
+  clipped_sum: Callable[[clip_norms.ClipFactors], dict[str, jax.Array]]
+
+
+def _scaled_rows(a: jax.Array, delta: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Rows rescaled by powers of two so that no product or square underflows.
+
+  Example ``b``'s gradient is ``sum_t a_t delta_t^T``. Each row pair is
+  written ``2**k_t * ahat_t dhat_t^T`` with ``ahat``, ``dhat`` of largest
+  magnitude in [0.5, 1), and ``k_t`` folded into ``a`` relative to the
+  example's largest ``k``: ``G_b = 2**top_b * sum_t atilde_t dhat_t^T``. The
+  largest row then has ``|atilde_t| |dhat_t| >= 1/4``, so a Gram sum or a
+  rounding bound built from these rows cannot flush to zero while the
+  contribution stays large (as ``|delta_t|^2 ~ 1e-38`` does unscaled).
+
+  Returns:
+    ``(atilde, dhat, top)``: ``(B, T, n)``, ``(B, T, o)``, ``(B,)`` int32.
+  """
+  peak_a = jnp.max(jnp.abs(a), axis=2)
+  peak_d = jnp.max(jnp.abs(delta), axis=2)
+  exp_a, exp_d = clip_norms.exponent_of(peak_a), clip_norms.exponent_of(peak_d)
+  has_product = (peak_a > 0) & (peak_d > 0)
+  row_exp = jnp.where(has_product, exp_a + exp_d, clip_norms.ZERO_EXPONENT)
+  top = jnp.max(row_exp, axis=1)
+  # Rows without a product (a or delta zero) add nothing; NaN still spreads.
+  a_shift = jnp.where(has_product, row_exp - top[:, None] - exp_a, 0)
+  return (clip_norms.times_pow2(a, a_shift[..., None]),
+          clip_norms.times_pow2(delta, -exp_d[..., None]), top)
 
 
 def _matrix_grad(a: jax.Array, delta: jax.Array, to_kernel: Callable,
@@ -92,47 +120,55 @@ def _matrix_grad(a: jax.Array, delta: jax.Array, to_kernel: Callable,
   a, delta = a.astype(jnp.float32), delta.astype(jnp.float32)
   rows, fan_in = a.shape[1:]
   fan_out = delta.shape[2]
-  bias_grads = jnp.sum(delta, axis=1)
-  sq_norm = jnp.sum(jnp.square(bias_grads), axis=1) if use_bias else 0.0
+  a_rows, d_rows, top = _scaled_rows(a, delta)
+  if use_bias:
+    bias_norm, (bias_grads,), bias_exponent = clip_norms.scaled_norms(
+        [jnp.sum(delta, 1)])
 
   if rows * (fan_in + fan_out) < fan_in * fan_out:
     # Ghost norm: T x T Gram matrices instead of n x o gradients.
-    gram_a = jnp.einsum('btn,bsn->bts', a, a, precision=_HIGHEST)
-    gram_delta = jnp.einsum('bto,bso->bts', delta, delta, precision=_HIGHEST)
-    ghost = jnp.sum(gram_a * gram_delta, axis=(1, 2))
+    gram_a = jnp.einsum('btn,bsn->bts', a_rows, a_rows, precision=_HIGHEST)
+    gram_d = jnp.einsum('bto,bso->bts', d_rows, d_rows, precision=_HIGHEST)
+    ghost = jnp.sum(gram_a * gram_d, axis=(1, 2))
     # M = sum_t |a_t| |delta_t| bounds |G| and every term's magnitude. The
     # Gram sum is off by at most ~(n + o + T^2) u M^2 and the contributed
     # einsum by ~T u M (u = 2**-24, first order), so this bounds the norm
     # of what is actually added, even when rows cancel.
     row_norms = jnp.sqrt(jnp.diagonal(gram_a, axis1=1, axis2=2)
-                         * jnp.diagonal(gram_delta, axis1=1, axis2=2))
+                         * jnp.diagonal(gram_d, axis1=1, axis2=2))
     total = jnp.sum(row_norms, axis=1)
     gamma = (fan_in + fan_out + rows * rows + 4) * _ROUNDING
     gamma_contribution = (rows + 2) * _ROUNDING
     bound = (jnp.sqrt(jnp.maximum(ghost, 0.0) + gamma * jnp.square(total))
-             + gamma_contribution * total)
-    sq_norm = sq_norm + jnp.square(bound)  # NaN/Inf stay non-finite
+             + gamma_contribution * total)  # NaN/Inf stay non-finite
+    kernel_norm = clip_norms.normalized(bound, top)
 
-    def kernel_sum(factors: dp_transform.ClipFactors) -> jax.Array:
+    def kernel_sum(factors: clip_norms.ClipFactors) -> jax.Array:
       keep = factors.keep[:, None, None]
-      scaled = factors.scale[:, None, None] * jnp.where(keep, delta, 0.0)
-      return jnp.einsum('btn,bto->no', jnp.where(keep, a, 0.0), scaled,
+      scaled = (factors.scale_times_pow2(top)[:, None, None]
+                * jnp.where(keep, d_rows, 0.0))
+      return jnp.einsum('btn,bto->no', jnp.where(keep, a_rows, 0.0), scaled,
                         precision=_HIGHEST)
   else:
     # (B, o, n), not (B, n, o): XLA:CPU runs this contraction 2x faster.
-    grads = jnp.einsum('bto,btn->bon', delta, a, precision=_HIGHEST)
-    sq_norm = sq_norm + jnp.sum(jnp.square(grads), axis=(1, 2))
+    # Entries are at most T in magnitude, times 2**top: no overflow.
+    grads = jnp.einsum('bto,btn->bon', d_rows, a_rows, precision=_HIGHEST)
+    grads_norm, (grads,), exponent = clip_norms.scaled_norms([grads])
+    kernel_norm = clip_norms.ScaledNorm(grads_norm.mantissa,
+                                        top + grads_norm.exponent)
 
-    def kernel_sum(factors: dp_transform.ClipFactors) -> jax.Array:
-      return factors.weighted_sum(grads).T
+    def kernel_sum(factors: clip_norms.ClipFactors) -> jax.Array:
+      return factors.weighted_sum(grads, top + exponent).T
 
   def clipped_sum(factors):
     sums = {'kernel': to_kernel(kernel_sum(factors))}
     if use_bias:
-      sums['bias'] = factors.weighted_sum(bias_grads)
+      sums['bias'] = factors.weighted_sum(bias_grads, bias_exponent)
     return sums
 
-  return _LayerGrad(sq_norm, clipped_sum)
+  norm = (clip_norms.combine_norms([kernel_norm, bias_norm]) if use_bias
+          else kernel_norm)
+  return _LayerGrad(norm, clipped_sum)
 
 
 def _dense_grad(module: nn.Dense, a: jax.Array, delta: jax.Array
@@ -338,21 +374,21 @@ def clipped_grad_sum(
     for path, module in modules.items():
       grad_of = _dense_grad if type(module) is nn.Dense else _conv_grad  # pylint: disable=unidiomatic-typecheck
       layer_grads.append((path, grad_of(module, inputs[path], deltas[path])))
-    other_grads = {key: g.astype(jnp.float32).reshape(num_examples, -1)
-                   for key, g in other_grads.items()}
-    sq_norms = jnp.zeros((num_examples,), jnp.float32)
-    for _, layer in layer_grads:
-      sq_norms += layer.sq_norm
-    for g in other_grads.values():
-      sq_norms += jnp.sum(jnp.square(g), axis=1)
+    other_norms, other_exponents = {}, {}
+    for key, g in other_grads.items():
+      other_norms[key], (other_grads[key],), other_exponents[key] = (
+          clip_norms.scaled_norms(
+              [g.astype(jnp.float32).reshape(num_examples, -1)]))
+    norms = clip_norms.combine_norms(
+        [layer.norm for _, layer in layer_grads] + list(other_norms.values()))
     # Any NaN/Inf that could reach the example's contribution makes its norm
-    # non-finite (see _LayerGrad). An overflowed norm of a finite gradient is
-    # counted as non-finite too; it contributes 0 either way.
-    factors = dp_transform.clip_factors(
-        sq_norms, jnp.isfinite(sq_norms), ~is_padding_example, l2_norm_clip)
+    # non-finite (see _LayerGrad); it contributes 0.
+    factors = clip_norms.clip_factors(
+        norms, jnp.isfinite(norms.mantissa), ~is_padding_example,
+        l2_norm_clip)
 
-    sums = {key: factors.weighted_sum(g).reshape(flat_params[key].shape)
-            for key, g in other_grads.items()}
+    sums = {key: factors.weighted_sum(g, other_exponents[key]).reshape(
+                flat_params[key].shape) for key, g in other_grads.items()}
     for path, layer in layer_grads:
       for name, value in layer.clipped_sum(factors).items():
         sums[('params',) + path + (name,)] = value
@@ -363,7 +399,8 @@ def clipped_grad_sum(
     if set(sums) != set(flat_params):
       raise ValueError('Gradients for unknown parameters: '
                        f'{sorted(set(sums) - set(flat_params))}.')
-    return factors.clipped_sum(traverse_util.unflatten_dict(sums)), aux
+    return dp_transform.clipped_sum_of(
+        factors, traverse_util.unflatten_dict(sums)), aux
 
   return per_example.microbatched(clip_chunk, has_aux=has_aux,
                                   microbatch_size=microbatch_size)

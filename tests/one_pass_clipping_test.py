@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dplh_jax import clip_norms
 from dplh_jax import losses
 from dplh_jax import models
 from dplh_jax import one_pass_clipping
@@ -175,13 +176,17 @@ def test_ghost_and_materialized_norms_equal_explicit_gradients(
   explicit = jnp.einsum('btn,bto->bno', a, delta)
   bias = delta.sum(1)
   want_sq = jnp.sum(explicit**2, axis=(1, 2)) + jnp.sum(bias**2, axis=1)
+  got_sq = layer.norm.to_float() ** 2
   # The ghost branch returns an upper bound (float32 rounding slack).
-  assert bool(jnp.all(layer.sq_norm >= want_sq * (1 - 1e-6)))
-  np.testing.assert_allclose(layer.sq_norm, want_sq, rtol=1e-4)
-  scale = jnp.array([1.0, 0.5, 0.0, 2.0])
-  keep = jnp.array([True, True, False, True])
-  factors = one_pass_clipping.dp_transform.ClipFactors(
-      scale, keep, keep, keep, keep, 1.0)
+  assert bool(jnp.all(got_sq >= want_sq * (1 - 1e-6)))
+  np.testing.assert_allclose(got_sq, want_sq, rtol=1e-4)
+  # Norms 0.5, 4, 1, 8 at C = 2: scales 1, 0.5, (padding) 0, 0.25.
+  norms = clip_norms.normalized(jnp.array([0.5, 4.0, 1.0, 8.0]),
+                                jnp.zeros(4, jnp.int32))
+  is_real = jnp.array([True, True, False, True])
+  factors = clip_norms.clip_factors(norms, jnp.ones(4, bool), is_real, 2.0)
+  scale = jnp.array([1.0, 0.5, 0.0, 0.25])
+  np.testing.assert_allclose(factors.scale, scale)
   sums = layer.clipped_sum(factors)
   np.testing.assert_allclose(
       sums['kernel'], jnp.einsum('b,bno->no', scale, explicit), rtol=1e-5,

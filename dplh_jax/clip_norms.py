@@ -1,0 +1,209 @@
+"""Per-example norms that neither underflow nor overflow, and the clipping rule.
+
+Privacy rule 9 (docs/DESIGN.md, Privacy rules): the norm used to clip an
+example must bound the norm of what is actually added, for every finite
+float32 input. A norm computed as ``sqrt(sum(g**2))`` breaks this at both
+ends: entries below ~1e-19 square to zero (XLA:CPU flushes subnormals), so
+a gradient can be counted as norm 0 and added unclipped; entries above ~1e19
+square to inf. Here each norm is a :class:`ScaledNorm`, a float32 mantissa
+and an int32 power-of-two exponent, ``norm = mantissa * 2**exponent``:
+
+* an example's values are multiplied by ``2**-e`` (exactly: powers of two)
+  so that their largest magnitude lies in [0.5, 1) before anything is
+  squared; squares then only lose terms below ``2**-126`` of the largest,
+  far below float32 rounding of the result;
+* norms of several parts combine the same way (:func:`combine_norms`);
+* the clip scale is applied in the same scaled domain
+  (:meth:`ClipFactors.scale_times_pow2`), so the scale of an example with a
+  norm of 1e30 (or 1e-30) neither underflows nor overflows either.
+
+What is added for an example is ``factor * scaled_values`` with exactly the
+scaled values its norm was computed from, so the bound holds up to float32
+rounding of the norm itself (relative ~1e-7 per reduction level).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+# Exponent of a zero norm: below any real one, so it never sets the scale of
+# a combination, and 2**ZERO_EXPONENT is 0 in float32.
+ZERO_EXPONENT = -400
+_MAX_PART = 126  # |exponent| of each factor in times_pow2: a normal float32
+
+
+def _pow2(exponent: jax.Array) -> jax.Array:
+  """Exactly ``2.0**exponent`` in float32 for int32 exponents in [-126, 127]."""
+  return jax.lax.bitcast_convert_type(
+      (exponent.astype(jnp.int32) + 127) << 23, jnp.float32)
+
+
+def times_pow2(x: jax.Array, exponent: jax.Array) -> jax.Array:
+  """``x * 2**exponent`` for any int exponent, exact up to under/overflow.
+
+  Three multiplications by normal powers of two of the same sign, so an
+  intermediate never under- or overflows when the result does not. Beyond
+  +-378 every float32 result is 0 or inf anyway, so the exponent is clamped.
+  """
+  exponent = jnp.clip(jnp.asarray(exponent, jnp.int32), -3 * _MAX_PART,
+                      3 * _MAX_PART)
+  first = exponent // 3
+  second = (exponent - first) // 2
+  third = exponent - first - second
+  return x * _pow2(first) * _pow2(second) * _pow2(third)
+
+
+def exponent_of(peak: jax.Array) -> jax.Array:
+  """``e`` with ``peak * 2**-e`` in [0.5, 1) for finite ``peak`` > 0, else 0.
+
+  Read from the float32 bits: a subnormal peak gives -126, which leaves its
+  scaled value below 0.5 but finite.
+  """
+  bits = jax.lax.bitcast_convert_type(peak.astype(jnp.float32), jnp.int32)
+  exponent = ((bits >> 23) & 0xFF) - 126
+  return jnp.where(jnp.isfinite(peak) & (peak > 0), exponent, 0)
+
+
+class ScaledNorm(NamedTuple):
+  """Per-example L2 norms ``mantissa * 2**exponent``, shape ``(n,)`` each.
+
+  ``mantissa`` is NaN or inf exactly when the example has a non-finite value;
+  a zero norm has mantissa 0 and exponent ``ZERO_EXPONENT``.
+  """
+  mantissa: jax.Array
+  exponent: jax.Array
+
+  def to_float(self) -> jax.Array:
+    """The norms as float32: inf where they overflow, 0 where they underflow."""
+    return times_pow2(self.mantissa, self.exponent)
+
+
+def row_peaks(rows: Sequence[jax.Array]) -> jax.Array:
+  """``(n,)`` largest magnitude over the trailing axes of ``(n, ...)`` arrays
+  (NaN if any value of the row is NaN)."""
+  peaks = [jnp.max(jnp.abs(r).reshape(r.shape[0], -1), axis=1,
+                   initial=0.0) for r in rows]
+  return jnp.stack(peaks).max(axis=0) if len(peaks) > 1 else peaks[0]
+
+
+def scaled_norms(rows: Sequence[jax.Array]
+                 ) -> tuple[ScaledNorm, list[jax.Array], jax.Array]:
+  """Norms of examples whose values are split over several ``(n, ...)`` arrays.
+
+  Returns:
+    ``(norms, scaled, exponent)``: example ``i``'s L2 norm over all arrays;
+    the arrays with each example multiplied by ``2**-exponent[i]`` (largest
+    magnitude in [0.5, 1)); and that ``(n,)`` int32 exponent. Add
+    ``factors.weighted_sum(scaled, exponent)``, never the unscaled values, so
+    what is added is what was measured.
+  """
+  exponent = exponent_of(row_peaks(rows))
+  scaled = [times_pow2(r, -exponent.reshape((-1,) + (1,) * (r.ndim - 1)))
+            for r in rows]
+  sum_sq = sum(jnp.sum(jnp.square(s).reshape(s.shape[0], -1), axis=1)
+               for s in scaled)
+  return normalized(jnp.sqrt(sum_sq), exponent), scaled, exponent
+
+
+def normalized(mantissa: jax.Array, exponent: jax.Array) -> ScaledNorm:
+  """The same norms with ``mantissa`` in [0.5, 1) (0 and non-finite kept)."""
+  shift = exponent_of(mantissa)
+  is_zero = mantissa == 0
+  return ScaledNorm(
+      jnp.where(is_zero, 0.0, times_pow2(mantissa, -shift)),
+      jnp.where(is_zero, ZERO_EXPONENT, exponent + shift))
+
+
+def combine_norms(parts: Sequence[ScaledNorm]) -> ScaledNorm:
+  """The L2 norm of the concatenation of parts, ``sqrt(sum_l norm_l**2)``."""
+  if len(parts) == 1:
+    return parts[0]
+  finite_exponents = [jnp.where(jnp.isfinite(p.mantissa), p.exponent,
+                                ZERO_EXPONENT) for p in parts]
+  top = functools.reduce(jnp.maximum, finite_exponents)
+  sum_sq = sum(jnp.square(times_pow2(p.mantissa, e - top))
+               for p, e in zip(parts, finite_exponents))
+  return normalized(jnp.sqrt(sum_sq), top)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipFactors:
+  """Per-example clip scales and the counts a ``ClippedSum`` reports.
+
+  Attributes:
+    norms: ``(n,)`` :class:`ScaledNorm` of each example's whole gradient (an
+      upper bound where a path cannot compute it exactly).
+    keep: ``(n,)`` bool: real examples with a finite gradient.
+    is_real: ``(n,)`` bool: not padding.
+    is_finite: ``(n,)`` bool.
+    clipped: ``(n,)`` bool: kept examples whose norm exceeded ``C``.
+    l2_norm_clip: ``C``.
+  """
+
+  norms: ScaledNorm
+  keep: jax.Array
+  is_real: jax.Array
+  is_finite: jax.Array
+  clipped: jax.Array
+  l2_norm_clip: float
+
+  def scale_times_pow2(self, exponent: jax.Array | int) -> jax.Array:
+    """``(n,)`` float32 ``min(1, C / norm_i) * 2**exponent_i``; 0 where not kept.
+
+    The factor for values stored as ``value * 2**-exponent``: it stays in
+    float32 range when ``min(1, C / norm)`` alone would not.
+    """
+    mantissa, top = self.norms
+    safe = jnp.where(self.clipped, mantissa, 1.0)
+    factor = jnp.where(self.clipped,
+                       times_pow2(self.l2_norm_clip / safe, exponent - top),
+                       times_pow2(jnp.ones_like(mantissa), exponent))
+    return jnp.where(self.keep, factor, 0.0)
+
+  @property
+  def scale(self) -> jax.Array:
+    """``(n,)`` ``min(1, C / norm_i)`` (0 where not kept, or where it
+    underflows float32)."""
+    return self.scale_times_pow2(0)
+
+  def weighted_sum(self, per_example: jax.Array,
+                   exponent: jax.Array | int = 0) -> jax.Array:
+    """``sum_i scale_i * 2**exponent_i * x_i`` over the leading axis.
+
+    Non-kept examples are selected away with ``where`` first, so a NaN in a
+    dropped example cannot reach the sum through ``0 * NaN``; an elementwise
+    product and a reduction, not a dot, so it is float32-exact on every
+    backend (a dot may run in TF32 or bfloat16 on GPUs and TPUs).
+    """
+    shape = (-1,) + (1,) * (per_example.ndim - 1)
+    selected = jnp.where(self.keep.reshape(shape), per_example, 0.0)
+    factor = self.scale_times_pow2(exponent).reshape(shape)
+    return jnp.sum(factor * selected, axis=0)
+
+
+def clip_factors(norms: ScaledNorm, is_finite: jax.Array, is_real: jax.Array,
+                 l2_norm_clip: float) -> ClipFactors:
+  """The clipping rule: scale ``min(1, C / norm)``, 0 for padding and NaN/Inf.
+
+  Every path that clips (``dp_transform.clip_and_sum`` and
+  ``one_pass_clipping``) goes through this function, so they agree on
+  padding, non-finite values and extreme magnitudes.
+
+  Args:
+    norms: ``(n,)`` norms (upper bounds) of the per-example gradients.
+    is_finite: ``(n,)`` bool, False where the gradient has a NaN/Inf entry.
+    is_real: ``(n,)`` bool, False for padding.
+    l2_norm_clip: ``C`` > 0.
+  """
+  keep = is_real & is_finite & jnp.isfinite(norms.mantissa)
+  # norm > C  <=>  mantissa > C * 2**-exponent (exact: a power of two; 0 or
+  # inf when the norm is far outside C's range, which decides correctly).
+  over = norms.mantissa > times_pow2(jnp.float32(l2_norm_clip),
+                                     -norms.exponent)
+  return ClipFactors(norms, keep, is_real, is_finite, keep & over,
+                     l2_norm_clip)
