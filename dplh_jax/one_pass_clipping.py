@@ -246,12 +246,12 @@ def _conv_grad(module: nn.Conv, a: jax.Array, delta: jax.Array
       lambda matrix: matrix.reshape(kernel_shape), module.use_bias)
 
 
-def _tapped_loss(loss_fn, params, example, args, taps, modules):
+def _tapped_loss(loss_fn, params, example, args, taps):
   """``loss_fn`` on one example, recording each layer's input and output and
   adding ``taps[path]`` (if given) to its output.
 
   Returns ``(loss_output, layer_inputs, layer_outputs)``, the last two keyed
-  by the layer's scope path; ``modules`` collects the layers by that key.
+  by the layer's scope path (``_probe`` has refused layers called twice).
   """
   inputs, outputs_of = {}, {}
 
@@ -261,11 +261,7 @@ def _tapped_loss(loss_fn, params, example, args, taps, modules):
         or type(module) not in _LAYER_TYPES):  # pylint: disable=unidiomatic-typecheck
       return next_fun(*call_args, **call_kwargs)
     path = module.scope.path
-    if path in inputs:
-      raise ValueError(f'Layer {"/".join(path)} is called more than once; '
-                       'shared layers are not supported by one-pass clipping.')
     inputs[path] = call_args[0]
-    modules[path] = module
     out = next_fun(*call_args, **call_kwargs)
     outputs_of[path] = out
     return out if taps is None else out + taps[path]
@@ -275,42 +271,95 @@ def _tapped_loss(loss_fn, params, example, args, taps, modules):
   return out, inputs, outputs_of
 
 
-def _count_uses(jaxpr, tracked: dict, counts: collections.Counter) -> None:
-  """Counts the equations reading each tracked variable, looking inside
-  nested jaxprs of call-like primitives (jit, custom derivatives, remat)."""
+def _record_uses(jaxpr, tracked: dict, uses: dict) -> None:
+  """Appends to ``uses[key]`` the primitive of each equation reading a
+  tracked variable, looking inside nested jaxprs of call-like primitives
+  (jit, remat). A custom derivative (``custom_jvp_call``, ``custom_vjp_call``)
+  is recorded as a use itself: its gradient rule is user code."""
   for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
     inner = eqn.params.get('jaxpr') or eqn.params.get('call_jaxpr')
     inner = getattr(inner, 'jaxpr', inner)
     for position, var in enumerate(eqn.invars):
       if id(var) not in tracked:
         continue
-      if inner is not None and len(inner.invars) == len(eqn.invars):
-        _count_uses(inner, {id(inner.invars[position]): tracked[id(var)]},
-                    counts)
+      if ('custom' not in name and inner is not None
+          and len(inner.invars) == len(eqn.invars)):
+        _record_uses(inner, {id(inner.invars[position]): tracked[id(var)]},
+                     uses)
       else:
-        counts[tracked[id(var)]] += 1
+        uses[tracked[id(var)]].append(name)
 
 
-def _check_layer_params_read_once(loss_fn, params, example, args, keys):
-  """Refuses a loss that reads a layer's kernel or bias more than once (tied
-  weights, a weight penalty): one-pass clipping only sees the layer's own
-  use, so the other part of the gradient would be missing."""
+# Attributes that replace the layer's contraction with user code: the kernel
+# gradient would no longer be sum_t a_t delta_t^T.
+_CUSTOM_CONTRACTIONS = {
+    nn.Dense: ('dot_general', 'dot_general_cls'),
+    nn.Conv: ('conv_general_dilated', 'conv_general_dilated_cls'),
+}
+
+
+def _probe(loss_fn, params, example, args) -> tuple[dict, dict]:
+  """The layers one-pass clipping handles, and how the loss reads each
+  parameter; raises ValueError naming what it cannot handle exactly.
+
+  Refused: a layer's kernel or bias read more than once (tied weights, a
+  weight penalty: the other part of its gradient would be missing), read
+  through a custom derivative (its rule, not ``a^T delta``, defines the
+  gradient), or a Dense / Conv with a custom contraction.
+
+  Returns:
+    ``(modules, layer_keys)``: the layers by scope path, and the flat keys of
+    their parameters.
+  """
+  modules = {}
+
+  def record(next_fun, call_args, call_kwargs, context):
+    module = context.module
+    if (context.method_name == '__call__'
+        and type(module) in _LAYER_TYPES):  # pylint: disable=unidiomatic-typecheck
+      path = module.scope.path
+      if path in modules:
+        raise ValueError(f'Layer {"/".join(path)} is called more than once; '
+                         'shared layers are not supported by one-pass '
+                         'clipping.')
+      modules[path] = module
+    return next_fun(*call_args, **call_kwargs)
+
   flat = traverse_util.flatten_dict(params)
-  keys = sorted(keys)
+  keys = sorted(flat)
 
   def loss_of(leaves):
-    return loss_fn(traverse_util.unflatten_dict(flat | dict(zip(keys, leaves))),
-                   example, *args)
+    with nn.intercept_methods(record):
+      return loss_fn(traverse_util.unflatten_dict(dict(zip(keys, leaves))),
+                     example, *args)
 
   jaxpr = jax.make_jaxpr(loss_of)([flat[k] for k in keys]).jaxpr
-  counts = collections.Counter()
-  _count_uses(jaxpr, {id(v): k for v, k in zip(jaxpr.invars, keys)}, counts)
-  for key in keys:
-    if counts[key] > 1:
+  uses = collections.defaultdict(list)
+  _record_uses(jaxpr, {id(v): k for v, k in zip(jaxpr.invars, keys)}, uses)
+  for path, module in modules.items():
+    for attribute in _CUSTOM_CONTRACTIONS[type(module)]:
+      if getattr(module, attribute, None) is not None:
+        raise ValueError(
+            f'Layer {"/".join(path)} ({type(module).__name__}) has a custom '
+            f'{attribute}; one-pass clipping cannot derive its kernel '
+            "gradient. Use per_example.clipped_grad_sum (clipping='vmap').")
+  # ('params', *layer path, 'kernel' | 'bias') belongs to a layer.
+  layer_keys = {key for key in flat if key[1:-1] in modules}
+  for key in sorted(layer_keys):
+    name = '/'.join(key)
+    custom = [use for use in uses[key] if 'custom' in use]
+    if custom:
       raise ValueError(
-          f'Parameter {"/".join(key)} is read {counts[key]} times, not only by '
+          f'Parameter {name} is read through a custom derivative '
+          f'({custom[0]}); one-pass clipping cannot see its gradient rule. '
+          "Use per_example.clipped_grad_sum (clipping='vmap').")
+    if len(uses[key]) > 1:
+      raise ValueError(
+          f'Parameter {name} is read {len(uses[key])} times, not only by '
           'its layer; one-pass clipping would miss part of its gradient. Use '
-          'per_example.clipped_grad_sum.')
+          "per_example.clipped_grad_sum (clipping='vmap').")
+  return modules, layer_keys
 
 
 def clipped_grad_sum(
@@ -345,21 +394,17 @@ def clipped_grad_sum(
   def clip_chunk(params, chunk, is_padding_example, *args):
     num_examples = is_padding_example.shape[0]
     first = jax.tree.map(lambda x: x[0], chunk)
-    modules = {}
+    modules, layer_keys = _probe(loss_and_aux, params, first, args)
     layer_outputs = jax.eval_shape(lambda: _tapped_loss(
-        loss_and_aux, params, first, args, None, modules)[2])
+        loss_and_aux, params, first, args, None)[2])
     flat_params = traverse_util.flatten_dict(params)
-    # ('params', *layer path, 'kernel' | 'bias') belongs to a layer.
-    layer_keys = {key for key in flat_params if key[1:-1] in modules}
-    _check_layer_params_read_once(loss_and_aux, params, first, args,
-                                  layer_keys)
     other_params = {key: value for key, value in flat_params.items()
                     if key not in layer_keys}
 
     def one_example(taps, others, example):
       merged = traverse_util.unflatten_dict(flat_params | others)
       (loss, aux), inputs, _ = _tapped_loss(loss_and_aux, merged, example,
-                                            args, taps, {})
+                                            args, taps)
       return loss, (inputs, aux)
 
     zero_taps = {path: jnp.zeros(s.shape, s.dtype)

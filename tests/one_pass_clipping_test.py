@@ -212,9 +212,38 @@ class _SharedNet(nn.Module):
     return layer(layer(x))
 
 
+class _CustomDotNet(nn.Module):
+  """The review's case: the kernel gradient was silently off by 34."""
+
+  @nn.compact
+  def __call__(self, x):
+    def doubled(a, b, dims, **kwargs):
+      return 2.0 * jax.lax.dot_general(a, b, dims, **kwargs)
+    return nn.Dense(3, dot_general=doubled)(x)
+
+
+class _CustomVjpNet(nn.Module):
+  """A layer inside a custom derivative, whose rule doubles its gradient."""
+
+  @nn.compact
+  def __call__(self, x):
+    def forward(module, x):
+      out, vjp_fn = nn.vjp(lambda m, x: m(x), module, x)
+      return out, vjp_fn
+
+    def backward(vjp_fn, g):
+      params_t, x_t = vjp_fn(g)
+      return jax.tree.map(lambda p: 2 * p, params_t), x_t
+
+    return nn.custom_vjp(lambda m, x: m(x), forward_fn=forward,
+                         backward_fn=backward)(nn.Dense(3), x)
+
+
 @pytest.mark.parametrize('net, message', [
     (_PenaltyNet(), 'Dense_0/kernel is read 2 times'),
     (_SharedNet(), 'called more than once'),
+    (_CustomDotNet(), 'Dense_0 .Dense. has a custom dot_general'),
+    (_CustomVjpNet(), 'Dense_0/bias is read through a custom derivative'),
 ])
 def test_unsupported_models_are_refused(net, message):
   x = jnp.ones((2, 3))
