@@ -9,6 +9,7 @@ step compiles once, not once per realized batch size.
 import math
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 from scipy import stats
 
@@ -17,6 +18,13 @@ PADDING_INDEX = -1
 
 class SampledIndices(NamedTuple):
   """One step's Poisson sample, padded.
+
+  .. warning::
+    Never index data with ``indices`` directly: a padding slot holds -1,
+    which NumPy reads as the last example (and ``jnp.take`` clamps), so a
+    step that forgets ``is_padding_example`` silently trains on duplicates
+    of real examples. Use :func:`gather_padded`, which zeroes padding rows
+    and returns the mask with them.
 
   Attributes:
     indices: int64 array of length ``num_chunks * padded_batch_size``; the
@@ -139,3 +147,63 @@ class PoissonSampler:
             f'{getattr(self, name)!r}; a resumed run must sample as before.')
     self._rng.bit_generator.state = state['bit_generator_state']
     self.steps_sampled = int(state['steps_sampled'])
+
+
+class PaddedBatch(NamedTuple):
+  """A gathered batch: ``data`` rows at real slots, zeros at padding slots.
+
+  Attributes:
+    data: the gathered pytree of arrays, leading axis the padded batch.
+    is_padding_example: bool ``(padded length,)``; pass it to the clipping
+      (``clip_and_sum``, ``clipped_grad_sum`` or ``dp_aggregate``).
+  """
+
+  data: Any
+  is_padding_example: np.ndarray
+
+
+def gather_padded(arrays: Any, sample: SampledIndices) -> PaddedBatch:
+  """The rows of ``arrays`` that ``sample`` selected, padded with zeros.
+
+  Contract: row ``j`` of every leaf is ``leaf[sample.indices[j]]`` where
+  ``sample.is_padding_example[j]`` is False, and all zeros where it is True
+  (padding slots are never read); the mask comes back with the data, so the
+  two cannot be separated by accident. Padding rows still must be masked:
+  zero inputs do not give zero gradients.
+
+  >>> sampler = PoissonSampler(5, expected_batch_size=2, seed=0,
+  ...                          padded_batch_size=4)
+  >>> batch = gather_padded({'x': np.arange(5.0) + 1}, sampler.pad(
+  ...     np.array([1, 3])))
+  >>> batch.data['x'], batch.is_padding_example
+  (array([2., 4., 0., 0.]), array([False, False,  True,  True]))
+
+  Args:
+    arrays: pytree of arrays sharing a leading example axis.
+    sample: a step's :class:`SampledIndices`.
+
+  Raises:
+    ValueError: if the leaves disagree on the number of examples, or a real
+      slot's index is outside it.
+  """
+  leaves = jax.tree.leaves(arrays)
+  sizes = {np.shape(leaf)[0] for leaf in leaves}
+  if len(sizes) != 1:
+    raise ValueError(f'Every array needs the same number of examples (leading '
+                     f'axis); got {sorted(sizes)}.')
+  num_examples = sizes.pop()
+  is_padding = np.asarray(sample.is_padding_example, bool)
+  real = np.flatnonzero(~is_padding)
+  indices = np.asarray(sample.indices)[real]
+  if indices.size and (indices.min() < 0 or indices.max() >= num_examples):
+    raise ValueError(f'Sampled indices {indices.min()}..{indices.max()} lie '
+                     f'outside the {num_examples} examples; was the sampler '
+                     'built for another dataset?')
+
+  def gather(leaf):
+    leaf = np.asarray(leaf)
+    out = np.zeros((len(is_padding),) + leaf.shape[1:], leaf.dtype)
+    out[real] = leaf[indices]
+    return out
+
+  return PaddedBatch(jax.tree.map(gather, arrays), is_padding)

@@ -94,3 +94,27 @@ def test_default_padded_size_rarely_overflows():
 def test_bad_arguments_are_named(args, message):
   with pytest.raises(ValueError, match=message):
     batch_selection.PoissonSampler(*args)
+
+
+def test_gather_padded_zeroes_padding_and_never_reads_index_minus_one():
+  arrays = {'x': np.arange(10.0).reshape(5, 2) + 1, 'y': np.arange(5) + 1}
+  sampler = batch_selection.PoissonSampler(5, 2, seed=0, padded_batch_size=4)
+  sample = sampler.pad(np.array([0, 4]))
+  batch = batch_selection.gather_padded(arrays, sample)
+  np.testing.assert_array_equal(batch.is_padding_example,
+                                [False, False, True, True])
+  np.testing.assert_array_equal(batch.data['x'],
+                                [[1, 2], [9, 10], [0, 0], [0, 0]])
+  np.testing.assert_array_equal(batch.data['y'], [1, 5, 0, 0])
+  # Indexing with the raw indices would have read the last example twice.
+  assert (arrays['y'][sample.indices] == 5).sum() == 3
+
+
+def test_gather_padded_refuses_indices_outside_the_data():
+  sampler = batch_selection.PoissonSampler(5, 2, seed=0, padded_batch_size=4)
+  with pytest.raises(ValueError, match='outside the 3 examples'):
+    batch_selection.gather_padded({'x': np.ones(3)}, sampler.pad(
+        np.array([1, 4])))
+  with pytest.raises(ValueError, match='same number of examples'):
+    batch_selection.gather_padded({'x': np.ones(5), 'y': np.ones(4)},
+                                  sampler.pad(np.array([1])))

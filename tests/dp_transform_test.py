@@ -160,6 +160,27 @@ def test_bfloat16_gradients_get_float32_noise_and_keep_their_dtype():
                                                                   rel=0.02)
 
 
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_a_clipped_sum_gives_updates_in_the_parameters_dtype(dtype):
+  """A ClippedSum is float32; its updates must still match low-precision
+  params, or adam's state changes dtype and a lax.scan over steps fails."""
+  params = {'w': jnp.zeros((3,), dtype)}
+  tx = optax.chain(dp_transform.dp_aggregate(1.0, 1.0, 4, key=0),
+                   optax.adam(1e-2))
+  loss = lambda p, x: jnp.vdot(p['w'].astype(jnp.float32), x)
+
+  def step(carry, x):
+    params, state = carry
+    clipped = per_example.clipped_grad_sum(loss, 1.0)(params, x)
+    updates, state = tx.update(clipped, state, params)
+    assert updates['w'].dtype == dtype
+    return (optax.apply_updates(params, updates), state), None
+
+  xs = jnp.ones((2, 4, 3))  # 2 steps of 4 examples
+  (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), xs)
+  assert params['w'].dtype == dtype
+
+
 def test_a_sum_clipped_with_another_norm_is_refused():
   clipped = per_example.clipped_grad_sum(_linear_loss, 10 * CLIP)(
       PARAMS, _grads(np.ones((2, 7))))
