@@ -108,8 +108,9 @@ def check_same_config(workdir: str, config: ml_collections.ConfigDict
 def read_run(workdir: str) -> tuple[dict, list[dict]]:
   """``(privacy report, eval rows by step)`` of a finished run's workdir.
 
-  A resumed run appends to metrics.jsonl again from its last checkpoint, so
-  an eval step can appear twice; the later line wins.
+  A resumed run drops the lines of the steps it replays (metric_writer), so
+  each eval step appears once; should an older workdir hold one twice, the
+  later line wins.
   """
   with open(os.path.join(workdir, _FINISHED)) as f:
     privacy = json.load(f)
