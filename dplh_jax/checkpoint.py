@@ -2,17 +2,25 @@
 
 A checkpoint holds, as one atomic step directory: the train state (params,
 optimizer state with the DP noise key, step) and a JSON record with the
-Poisson sampler's state and the accountant's phases. Saving them together is
-what makes a resume safe:
+Poisson sampler's state, the accountant's phases, the privacy plan and the
+run's whole config (``record['config']``, the record is
+``<directory>/<step>/record/metadata``). Saving them together is what makes
+a resume safe:
 
 * the noise key is restored from the state, never re-derived from a seed, so
   no key used before the checkpoint is used again after it (privacy rule 5);
 * the accountant restored is the one that counted exactly the steps in the
-  restored params, so nothing is counted twice or forgotten (rule 6).
+  restored params, so nothing is counted twice or forgotten (rule 6);
+  ``train`` checks its step count against the train step, the noise draws
+  and the sampler draws before resuming, so an edited record is refused.
 
-Steps run after the last checkpoint of a killed run are replayed on resume
-with the same sampler state and noise key, so they reproduce the same
-updates instead of releasing a second, differently-noised version of them.
+``train`` saves a checkpoint at step 0, before the first step, so there is
+always one to resume from. Steps run after the last checkpoint of a killed
+run are replayed on resume with the same sampler state and noise key, and
+``train`` refuses the resume unless the config is the one the workdir
+started with (``run_binding``): the replay then reproduces the same updates,
+bit for bit, instead of releasing a second, differently-noised or
+differently-computed version of them.
 """
 
 from __future__ import annotations
@@ -51,6 +59,14 @@ class Checkpointer:
         state=ocp.args.StandardRestore(train_state_like),
         record=ocp.args.JsonRestore()))
     return restored['state'], restored['record']
+
+  def restore_record(self) -> dict[str, Any]:
+    """The JSON record of the latest checkpoint alone (no arrays read)."""
+    step = self.latest_step()
+    if step is None:
+      raise FileNotFoundError('No checkpoint to restore.')
+    return self._manager.restore(step, args=ocp.args.Composite(
+        record=ocp.args.JsonRestore()))['record']
 
   def close(self) -> None:
     self._manager.close()

@@ -22,6 +22,7 @@ from dplh_jax import batch_selection
 from dplh_jax import dp_transform
 from dplh_jax import input_pipeline
 from dplh_jax import models
+from dplh_jax import run_binding
 from dplh_jax import task_weighting
 
 OPTIMIZERS = ('sgd', 'momentum', 'adam')
@@ -160,24 +161,41 @@ def build_sampler(config: ml_collections.ConfigDict, num_examples: int
 
 
 def check_resume(record: dict[str, Any], config: ml_collections.ConfigDict,
-                 plan, state) -> None:
-  """Refuses to resume a checkpoint whose privacy setting differs."""
+                 plan, state, accountant) -> None:
+  """Refuses a checkpoint whose plan or counters disagree with this run.
+
+  The config is already known unchanged (``run_binding``); this catches what
+  the config does not show (data of another size given to ``train``) and a
+  record edited or corrupted on disk: every count of the steps run (train
+  step, steps accounted, noise draws, sampler draws) must agree, and every
+  accounted step must be one of this plan's (sigma, q).
+  """
   saved = record['privacy_plan']
   now = dataclasses.asdict(plan)
-  for field in ('noise_multiplier', 'sampling_prob'):
-    if saved[field] != now[field]:
-      raise ValueError(
-          f'The checkpoint in this workdir ran with {field}={saved[field]}, '
-          f'the config now gives {now[field]}; use a new workdir.')
-  steps = int(state.step)
-  if record['sampler']['steps_sampled'] != steps:
-    raise ValueError(f'Checkpoint is inconsistent: sampler drew '
-                     f'{record["sampler"]["steps_sampled"]} batches for '
-                     f'{steps} steps.')
-  if config.dp and int(state.opt_state[0].num_updates) != steps:
-    raise ValueError('Checkpoint is inconsistent: noise was drawn '
-                     f'{int(state.opt_state[0].num_updates)} times in '
-                     f'{steps} steps.')
+  differing = [f'{field}: {saved.get(field)} -> {now[field]}'
+               for field in now if saved.get(field) != now[field]]
+  if differing:
+    raise ValueError(
+        f'The checkpoint in this workdir ran another privacy plan '
+        f'({"; ".join(differing)}); was other data given? Use a new workdir.')
+  counters = {'sampler_draws': record['sampler']['steps_sampled']}
+  if config.dp:
+    counters['accountant_steps'] = accountant.steps
+    counters['noise_draws'] = int(state.opt_state[0].num_updates)
+  elif accountant.steps:
+    raise ValueError(f'The checkpoint is inconsistent: a non-private run '
+                     f'records accountant_steps={accountant.steps}; use a new '
+                     'workdir.')
+  run_binding.check_counters_agree(int(state.step), **counters)
+  other = [phase for phase in accountant.phases
+           if (phase.noise_multiplier, phase.sampling_prob)
+           != (plan.noise_multiplier, plan.sampling_prob)]
+  if other:
+    raise ValueError(
+        f'The checkpoint is inconsistent: its accountant holds phases '
+        f'{[dataclasses.asdict(p) for p in other]} that are not this run\'s '
+        f'(noise_multiplier={plan.noise_multiplier}, '
+        f'sampling_prob={plan.sampling_prob}); use a new workdir.')
 
 
 def sampled_batches(source, sampler: batch_selection.PoissonSampler,

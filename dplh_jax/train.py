@@ -14,12 +14,29 @@ planned steps spend at most the target. With ``noise_multiplier`` alone, the
 planned steps run and their epsilon is reported. With both, training stops at
 the last step whose epsilon stays within the target. Before the first step the
 whole remaining plan is checked against the target, so a run never passes it.
+
+Workdir and resume. A run holds ``workdir/.lock`` (``flock``) from start to
+end, so a second process into the same workdir is refused at once. A fresh
+workdir is bound to its config: ``config.json`` is written and a checkpoint
+is saved at step 0, before the first step; every checkpoint record holds the
+config too. Re-running in the workdir resumes from the latest checkpoint and
+replays the steps after it with the saved noise key and sampler state, so a
+killed run's steps are reproduced bit for bit, never re-released with other
+noise (privacy rule 5). For that the resume must compute what the dead run
+computed: it is refused, before any data is loaded, if any config field
+differs from the saved one but ``RESUMABLE_FIELDS`` (log_every,
+checkpoint_every, data_dir), and after restoring if the privacy plan
+differs or the checkpoint's counters disagree (train step = steps accounted
+= noise draws = sampler draws) or its accountant holds another (sigma, q),
+so the report always counts exactly the steps trained (rule 6). Metric
+lines of replayed steps replace the dead run's (``metric_writer``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import sys
 import time
@@ -42,6 +59,7 @@ from dplh_jax import models
 from dplh_jax import one_pass_clipping
 from dplh_jax import per_example
 from dplh_jax import report as report_lib
+from dplh_jax import run_binding
 from dplh_jax import run_setup
 
 
@@ -252,11 +270,67 @@ def _to_python(tree) -> dict:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
+# Config fields a resume may change. Each changes neither what is computed
+# (params, noise, sampled batches, proposals, dropout) nor what is released
+# (evaluation metrics, the privacy report); every other field binds the
+# workdir (run_binding.check_config_unchanged).
+# * log_every: which steps print and write train metrics. Those are
+#   monitoring computed without noise, outside the guarantee (metric_writer),
+#   and do not feed the computation.
+# * checkpoint_every: where a later crash would resume from; the replay from
+#   any checkpoint reproduces the same steps.
+# * data_dir: where the same TFDS dataset is stored (the dataset name and
+#   num_train_examples still bind; the plan check below catches another size).
+# The evaluation fields (eval_every, eval_batch_size, num_eval_examples) are
+# NOT here: they change which evaluations of the params are released, and on
+# what, so a resume must not change them either.
+RESUMABLE_FIELDS = frozenset({'log_every', 'checkpoint_every', 'data_dir'})
+
+
+def _bind_workdir(config: ml_collections.ConfigDict, workdir: str,
+                  checkpointer: checkpoint.Checkpointer
+                  ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+  """``(config dict, latest checkpoint record or None)``; refuses a resume
+  whose config differs from the one the workdir started with.
+
+  Reads only JSON, so a refused resume fails in well under a second, before
+  any data is loaded or noise calibrated.
+  """
+  current = run_binding.normalise(config.to_dict())
+  if checkpointer.latest_step() is not None:
+    record = checkpointer.restore_record()
+    if 'config' not in record:
+      raise ValueError(
+          f'The checkpoint in {workdir} holds no config: it was written by an '
+          'older version, so what it computed cannot be checked; use a new '
+          'workdir.')
+    run_binding.check_config_unchanged(record['config'], current,
+                                       RESUMABLE_FIELDS)
+    return current, record
+  config_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(config_path):  # A run that died before its step-0 save.
+    with open(config_path) as f:
+      run_binding.check_config_unchanged(json.load(f), current,
+                                         RESUMABLE_FIELDS)
+  return current, None
+
+
+def _write_config(config_dict: dict[str, Any], workdir: str) -> None:
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(config_dict, f, sort_keys=True, indent=2)
+    f.write('\n')
+  os.replace(path + '.tmp', path)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        data: run_setup.Data | None = None) -> dict[str, Any]:
   """Trains, checkpoints, evaluates and writes the privacy report.
 
-  Resumes from the latest checkpoint in ``workdir`` if there is one.
+  Resumes from the latest checkpoint in ``workdir`` if there is one, and only
+  if ``config`` is the config the workdir started with (up to
+  ``RESUMABLE_FIELDS``) and the checkpoint's counters agree; holds
+  ``workdir/.lock`` for the whole run, so a second process is refused.
 
   Args:
     config: the run's config (see ``experiments/configs/default.py``).
@@ -264,13 +338,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     data: the train and test sources; None loads ``config.dataset``. The
       privacy report counts ``len(data.train)`` examples, so a caller that
       adds examples (for example audit canaries) gets them accounted for.
+      The workdir binding sees the config, not ``data``: a resume with other
+      data of another size is refused by the privacy plan check; do not
+      resume with other data of the same size.
 
   Returns:
     ``{'eval': held-out metrics, 'privacy': the privacy report, 'state':
     the final TrainState}``.
+
+  Raises:
+    ValueError: a bad config or data, a resume the workdir's binding refuses,
+      or (``run_binding.WorkdirInUseError``) a workdir in use.
   """
+  with run_binding.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, data)
+
+
+def _train_and_evaluate(config, workdir, data):
+  """:func:`train_and_evaluate` with the workdir locked."""
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  try:
+    return _run(config, workdir, data, checkpointer)
+  finally:
+    checkpointer.close()
+
+
+def _run(config, workdir, data, checkpointer):
+  config_dict, record = _bind_workdir(config, workdir, checkpointer)
   run_setup.validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  if record is None:
+    _write_config(config_dict, workdir)
   if data is None:
     data = run_setup.load_data(config)
   num_examples = len(data.train)
@@ -287,8 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = jax.device_put(TrainState(jnp.int32(0), params, tx.init(params)),
                          jax.devices()[0])
   sampler = run_setup.build_sampler(config, num_examples)
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
-  if checkpointer.latest_step() is not None:
+  if record is not None:
     try:
       state, record = checkpointer.restore(state)
     except ValueError as error:  # Orbax: the saved tree is not this config's.
@@ -296,13 +392,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f'The checkpoint in {workdir} does not fit this config (did '
           'task_weighting, the model size or the optimizer change?); use a '
           f'new workdir. Orbax said: {error}') from error
-    run_setup.check_resume(record, config, plan, state)
-    sampler.load_state_dict(record['sampler'])
     accountant = accounting.PrivacyAccountant.from_dict(record['accountant'])
+    run_setup.check_resume(record, config, plan, state, accountant)
+    sampler.load_state_dict(record['sampler'])
     # The restored key and sampler state come from the first run's seeds.
     noise_source = record['noise_seed_source']
     sampler_source = record['sampler_seed_source']
     print(f'Resumed from step {int(state.step)}.', file=sys.stderr)
+
+  def checkpoint_record(sampler_state):
+    return {'sampler': sampler_state, 'accountant': accountant.to_dict(),
+            'noise_seed_source': noise_source,
+            'sampler_seed_source': sampler_source,
+            'privacy_plan': dataclasses.asdict(plan), 'config': config_dict}
+
   start = int(state.step)
   if start > plan.num_steps:
     raise ValueError(f'The checkpoint in {workdir} is at step {start}, past '
@@ -318,10 +421,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   print(f'Plan: {plan.num_steps} steps, q={plan.sampling_prob:.5f}, '
         f'noise_multiplier={plan.noise_multiplier:.4f}, {num_examples} '
         'training images.', file=sys.stderr, flush=True)
+  if record is None:
+    # Bound before the first step: a run killed before its first periodic
+    # checkpoint resumes here, with this noise key and sampler state, and
+    # replays the same steps instead of drawing a fresh key.
+    checkpointer.save(0, state, checkpoint_record(sampler.state_dict()))
 
   train_step = compiled_train_step(spec)
   base_rng = jax.random.key(config.seed)
-  writer = metric_writer.MetricWriter(workdir)
+  # Metrics of the steps this run replays were written by the dead run; so
+  # was the final evaluation, if a finished run is resumed.
+  writer = metric_writer.MetricWriter(
+      workdir, resume_step=start,
+      rewritten_splits=('eval',) if start == plan.num_steps else ())
   batches = input_pipeline.prefetch(run_setup.sampled_batches(
       data.train, sampler, data.pipeline_config, config.seed, start,
       plan.num_steps))
@@ -348,12 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           compiled_eval_step(model), state.params, data.test,
           data.pipeline_config, config))
     if done % config.checkpoint_every == 0 or done == plan.num_steps:
-      checkpointer.save(done, state, {
-          'sampler': sampler_state, 'accountant': accountant.to_dict(),
-          'noise_seed_source': noise_source,
-          'sampler_seed_source': sampler_source,
-          'privacy_plan': dataclasses.asdict(plan)})
-  checkpointer.close()
+      checkpointer.save(done, state, checkpoint_record(sampler_state))
   print(f'Train step compiled {train_step._cache_size()} time(s).',  # pylint: disable=protected-access
         file=sys.stderr)
 

@@ -3,7 +3,9 @@
   python experiments/main.py --config experiments/configs/default.py \
       --workdir workdirs/default [--config.target_epsilon=1 ...]
 
-Re-running with the same --workdir resumes from the latest checkpoint.
+Re-running with the same --workdir resumes from the latest checkpoint; the
+workdir is bound to the config it started with (only log_every,
+checkpoint_every and data_dir may change) and to one process at a time.
 """
 
 import os
@@ -32,7 +34,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Progress lines are printed.
   try:
     result = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
-  except ValueError as error:  # Bad config or data: say so without a trace.
+  # Bad config or data, a refused resume or a workdir in use
+  # (run_binding.WorkdirInUseError): say so in one line, without a trace.
+  except ValueError as error:
     sys.exit(f'error: {error}')
   print(report.format_summary(result['eval'], result['privacy']))
   print(f'Privacy report: {os.path.join(_WORKDIR.value, "privacy_report.json")}')

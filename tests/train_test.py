@@ -1,7 +1,13 @@
 """End to end on the tiny config: train, evaluate, report, interrupt, resume."""
 
+import copy
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 
 from absl import flags
 import jax
@@ -11,12 +17,14 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from dplh_jax import report
+from dplh_jax import run_binding
 from dplh_jax import run_setup
 from dplh_jax import train
 from experiments.configs import tiny
 
 TINY_CONFIG_FILE = os.path.join(os.path.dirname(__file__), '..', 'experiments',
                                 'configs', 'tiny.py')
+MAIN = os.path.join(os.path.dirname(__file__), '..', 'experiments', 'main.py')
 
 
 @pytest.fixture(scope='module')
@@ -89,7 +97,8 @@ def test_fixed_task_weights_train_and_refuse_a_learned_weights_resume(
   assert 'log_sigma_sq' not in result['state'].params['params']
   assert result['privacy']['steps'] == 4
   assert np.isfinite(result['eval']['gender_accuracy'])
-  with pytest.raises(ValueError, match='does not fit this config'):
+  with pytest.raises(ValueError,
+                     match='task_weighting: "fixed" -> "uncertainty"'):
     train.train_and_evaluate(_config(data_dir), workdir)
 
 
@@ -115,6 +124,13 @@ def test_interrupted_run_resumes_to_the_same_model_and_privacy(
                       real_build_batch)
   resumed = train.train_and_evaluate(_config(data_dir), workdir)
 
+  # Step 3 ran twice, its metrics are reported once (jsonl and TensorBoard).
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  assert [(l['step'], l['split']) for l in lines] == [
+      (1, 'train'), (2, 'train'), (3, 'train'), (4, 'train'), (4, 'eval')]
+  for split, steps in (('train', [1, 2, 3, 4]), ('eval', [4])):
+    assert _tensorboard_steps(workdir, split) == steps, split
   assert resumed['privacy']['steps'] == 4
   assert resumed['privacy']['epsilon'] == expected['privacy']['epsilon']
   assert resumed['privacy']['sampler_seed_source'] == 'config_seed (not secret)'
@@ -125,6 +141,139 @@ def test_interrupted_run_resumes_to_the_same_model_and_privacy(
   np.testing.assert_array_equal(
       jax.random.key_data(resumed['state'].opt_state[0].noise_key),
       jax.random.key_data(expected['state'].opt_state[0].noise_key))
+
+
+def _tensorboard_steps(workdir, split, tag=None):
+  events = event_accumulator.EventAccumulator(
+      os.path.join(workdir, 'tensorboard', split))
+  events.Reload()
+  tag = tag or ('epsilon' if split == 'train' else 'gender_accuracy')
+  return [e.step for e in events.Scalars(tag)]
+
+
+def _crash_at(monkeypatch, crash_step):
+  real_build_batch = run_setup.input_pipeline.build_batch
+
+  def crash(*args, step, **kwargs):
+    if step == crash_step:
+      raise KeyboardInterrupt('simulated kill')
+    return real_build_batch(*args, step=step, **kwargs)
+  monkeypatch.setattr(run_setup.input_pipeline, 'build_batch', crash)
+  return lambda: monkeypatch.setattr(run_setup.input_pipeline, 'build_batch',
+                                     real_build_batch)
+
+
+def test_a_run_killed_before_its_first_checkpoint_replays_from_step_0(
+    uninterrupted, data_dir, tmp_path, monkeypatch):
+  """The step-0 checkpoint and config.json exist before the first step, so
+  a run killed at step 1 resumes with the saved key, not a fresh one."""
+  _, expected = uninterrupted
+  workdir = str(tmp_path)
+  undo = _crash_at(monkeypatch, 1)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(_config(data_dir, eval_every=2), workdir)
+  undo()
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['0']
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f) == json.loads(json.dumps(
+        _config(data_dir, eval_every=2).to_dict()))
+  resumed = train.train_and_evaluate(_config(data_dir, eval_every=2), workdir)
+  jax.tree.map(np.testing.assert_array_equal, resumed['state'].params,
+               expected['state'].params)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    steps = [(l['step'], l['split']) for l in map(json.loads, f)]
+  assert sorted(steps) == sorted(set(steps)) and len(steps) == 6
+
+
+def _changed(config, field):
+  """``field`` set to another value of its type."""
+  value = config[field]
+  if value is None:
+    value = {int: 3, float: 3.0, str: 'x'}[config.get_type(field)]
+  elif isinstance(value, bool):
+    value = not value
+  elif isinstance(value, int):
+    value += 1
+  elif isinstance(value, float):
+    value = value * 2 if value else 1.0
+  else:
+    value = value + '_x'
+  changed = copy.deepcopy(config)
+  changed[field] = value
+  return changed
+
+
+def test_a_workdir_refuses_a_resume_with_any_other_config_field(
+    uninterrupted, data_dir, tmp_path):
+  """Every field of the tiny config binds the workdir but the resumable
+  ones; a refused resume reads only JSON and leaves the workdir as it was."""
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(uninterrupted[0], workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    metrics_before = f.read()
+  config = _config(data_dir, eval_every=2)
+  assert train.RESUMABLE_FIELDS <= set(config.keys())
+  for field in sorted(set(config.keys()) - train.RESUMABLE_FIELDS):
+    start = time.time()
+    with pytest.raises(ValueError,
+                       match=rf'{field}: .* -> .*bound to the config'):
+      train.train_and_evaluate(_changed(config, field), workdir)
+    assert time.time() - start < 5, field  # no data loaded, nothing compiled
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    assert f.read() == metrics_before
+  # A resumable field: accepted; the finished run's final evaluation is
+  # redone, and reported once.
+  resumed = train.train_and_evaluate(_changed(config, 'checkpoint_every'),
+                                     workdir)
+  assert resumed['privacy'] == uninterrupted[1]['privacy']
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  assert [(l['step'], l['split']) for l in lines
+          if l['split'] == 'eval'] == [(2, 'eval'), (4, 'eval')]
+  assert _tensorboard_steps(workdir, 'eval') == [2, 4]
+
+
+def _record_path(workdir, step=4):
+  return os.path.join(workdir, 'checkpoints', str(step), 'record', 'metadata')
+
+
+def test_an_edited_checkpoint_record_is_refused(uninterrupted, data_dir,
+                                                tmp_path):
+  """Accountant steps edited on disk (a report of 3 steps for 4 trained)."""
+  config = _config(data_dir, eval_every=2)
+  workdir = str(tmp_path / 'edited')
+  shutil.copytree(uninterrupted[0], workdir)
+  with open(_record_path(workdir)) as f:
+    record = json.load(f)
+  record['accountant']['phases'][0]['steps'] = 3
+  with open(_record_path(workdir), 'w') as f:
+    json.dump(record, f)
+  with pytest.raises(ValueError, match='at train step 4 it records '
+                     'accountant_steps=3'):
+    train.train_and_evaluate(config, workdir)
+  # A record without a config (an older version's) is refused too.
+  del record['config']
+  with open(_record_path(workdir), 'w') as f:
+    json.dump(record, f)
+  with pytest.raises(ValueError, match='older version'):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_a_second_process_is_refused_a_workdir_in_use(data_dir, tmp_path):
+  workdir = str(tmp_path / 'busy')
+  with run_binding.WorkdirLock(workdir):
+    result = subprocess.run(
+        [sys.executable, MAIN, '--config', TINY_CONFIG_FILE,
+         f'--config.data_dir={data_dir}', '--workdir', workdir],
+        capture_output=True, text=True, timeout=120, check=False,
+        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: workdir {workdir} is in use by another training process (pid '
+      f'{os.getpid()} on {socket.gethostname()}); wait for it to finish or '
+      'use another --workdir')
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
 
 
 def test_plan_calibrates_sigma_to_the_target(data_dir):
