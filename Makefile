@@ -11,14 +11,13 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[faces,test]'
 	touch $(STAMP)
 
 # The main job on the embedded default: synthetic faces, DP HyperFace on CPU.
 WORKDIR ?= workdirs/default
 demo: $(STAMP)
-	JAX_PLATFORMS=cpu $(BIN)/python experiments/main.py \
-	  --config experiments/configs/default.py --workdir $(WORKDIR)
+	JAX_PLATFORMS=cpu $(BIN)/dplh-train --config default --workdir $(WORKDIR)
 
 # Whole test suite (doctests of dplh_jax included), CPU only.
 test: $(STAMP)

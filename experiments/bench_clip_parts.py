@@ -11,8 +11,6 @@ ms; ratios measured in one run are what to compare.
 """
 
 import dataclasses
-import os
-import sys
 import time
 
 from absl import app
@@ -21,14 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top
-from dplh_jax import losses
-from dplh_jax import models
-from dplh_jax import run_setup
-from dplh_jax import train
-from experiments import bench_dp_step
+from dplh_jax.hyperface import losses
+from dplh_jax.hyperface import models
+from dplh_jax.hyperface import model_setup
+from dplh_jax.hyperface import train
+import bench_dp_step  # the script beside this one
 
 # --model, --batch_size, --num_proposals and --rounds are bench_dp_step's.
 FLAGS = flags.FLAGS
@@ -49,8 +46,8 @@ def _median_ms(fn, *args) -> float:
 def main(argv):
   del argv
   config = bench_dp_step.model_config(FLAGS.model)
-  model, weighting = run_setup.build_model(config)
-  params = run_setup.init_params(config, model)
+  model, weighting = model_setup.build_model(config)
+  params = model_setup.init_params(config, model)
   batch = bench_dp_step.fake_batch(np.random.default_rng(0), FLAGS.batch_size,
                                    FLAGS.num_proposals, config.input_size)
   padding = jnp.asarray(batch['is_padding_example'])

@@ -5,7 +5,7 @@ proposals, all real) and are timed in interleaved rounds, so the ratios to
 the non-private step are the result; absolute times only compare on the same
 machine. Variants:
 
-  nonprivate     dplh_jax.train's step with config.dp=False.
+  nonprivate     dplh_jax.hyperface.train's step with config.dp=False.
   dp_one_pass    our DP step, one-pass (book-keeping) clipping [the default].
   dp_vmap        our DP step, jax.vmap(jax.grad) clipping, microbatched.
   optax_contrib  naive: vmap(grad) over the batch, then
@@ -43,13 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dplh_jax import batch_selection  # pylint: disable=g-import-not-at-top
-from dplh_jax import losses  # pylint: disable=g-import-not-at-top
-from dplh_jax import run_setup  # pylint: disable=g-import-not-at-top
-from dplh_jax import train  # pylint: disable=g-import-not-at-top
-from experiments.configs import default  # pylint: disable=g-import-not-at-top
+from dplh_jax.dp import batch_selection
+from dplh_jax.hyperface import losses
+from dplh_jax.hyperface import model_setup
+from dplh_jax.hyperface import train
+from dplh_jax.hyperface.configs import default
 
 JAX_VARIANTS = ('nonprivate', 'dp_one_pass', 'dp_vmap', 'optax_contrib')
 TORCH_VARIANTS = ('opacus', 'torch_nonprivate')
@@ -175,7 +174,7 @@ def compile_step(step, state, batch):
 def import_bench_opacus():
   """experiments/bench_opacus.py, or a UsageError if torch is missing."""
   try:
-    from experiments import bench_opacus  # pylint: disable=g-import-not-at-top
+    import bench_opacus
   except ModuleNotFoundError as e:
     if e.name not in ('torch', 'opacus'):
       raise
@@ -207,8 +206,8 @@ def build_torch(name, config, model, weighting, params, host_batch):
 
 def time_variants(config, names, batch_size, num_proposals, rounds):
   """Times every variant in ``names`` in interleaved rounds."""
-  model, weighting = run_setup.build_model(config)
-  params = run_setup.init_params(config, model)
+  model, weighting = model_setup.build_model(config)
+  params = model_setup.init_params(config, model)
   rng = np.random.default_rng(0)
   host_batch = fake_batch(rng, batch_size, num_proposals, config.input_size)
   batch = jax.device_put(host_batch)
@@ -275,8 +274,8 @@ def count_sampled_compiles(config, step, state, num_steps, batch_size,
 
 def one_memory_step(config, batch_size, num_proposals) -> dict:
   """One DP step at a logical batch size; the caller reads our peak RSS."""
-  model, weighting = run_setup.build_model(config)
-  params = run_setup.init_params(config, model)
+  model, weighting = model_setup.build_model(config)
+  params = model_setup.init_params(config, model)
   step, state = build_variant('dp_one_pass', config, model, weighting, params)
   batch = fake_batch(np.random.default_rng(0), batch_size, num_proposals,
                      config.input_size)

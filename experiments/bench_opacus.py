@@ -7,7 +7,7 @@ extra (``pip install -e '.[bench]'``: torch, opacus).
 
 What is built, to match the JAX variants:
 
-* Architecture: ``dplh_jax.models.HyperFace`` for the benchmark's config
+* Architecture: ``dplh_jax.hyperface.models.HyperFace`` for the benchmark's config
   (conv1 .. conv_all, fc_full, five heads, the 5 learned log sigma^2 task
   weights), in torch, initialized with the JAX variants' initial parameters
   (converted to torch layouts). :func:`build_step` checks the parameter
@@ -15,7 +15,7 @@ What is built, to match the JAX variants:
   JAX's (``losses.per_image_loss``, ``jax.vmap(jax.grad(...))``).
 * Input: the same batch, crops transposed once (outside the timing) from
   ``(B, K, H, W, 3)`` to torch's ``(B, K, 3, H, W)``.
-* Loss: ``dplh_jax.losses`` (DPLH Eq. 1-5 with the detection-ignore,
+* Loss: ``dplh_jax.hyperface.losses`` (DPLH Eq. 1-5 with the detection-ignore,
   positive, visibility and unknown-gender masks) and uncertainty weighting
   ``sum_i 0.5 exp(-s_i) L_i + s_i [n_i > 0]``. The ``has_*`` availability
   masks are not implemented (the benchmark batch has none).
@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dplh_jax import models
+from dplh_jax.hyperface import models
 
 TASKS = models.TASK_NAMES
 GRAD_SAMPLE_MODES = ('hooks', 'functorch')
@@ -109,7 +109,7 @@ def _cross_entropy(logits, labels, mask):
 
 
 def task_losses(out: dict, t: dict) -> torch.Tensor:
-  """``dplh_jax.losses.task_losses`` for a batch: ``(B, 5, 2)`` per image
+  """``dplh_jax.hyperface.losses.task_losses`` for a batch: ``(B, 5, 2)`` per image
   [loss, present] in TASK_NAMES order."""
   positive = t['detection_label'] == 1
   visible = positive[..., None] & (t['visibility'] > 0.5)

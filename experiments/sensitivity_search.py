@@ -2,7 +2,7 @@
 
   python experiments/sensitivity_search.py --num_cases 200 [--first_seed 0]
 
-For each case (dplh_jax.sensitivity_audit.random_case) and each clipping
+For each case (dplh_jax.dp.sensitivity_audit.random_case) and each clipping
 path, removes every example by masking and by deletion and checks that the
 clipped sum moves by at most C (1 + 1e-4). Exits 1 on the first violation,
 printing the case's seed so it can be replayed.
@@ -14,7 +14,7 @@ import time
 from absl import app
 from absl import flags
 
-from dplh_jax import sensitivity_audit
+from dplh_jax.dp import sensitivity_audit
 
 _NUM_CASES = flags.DEFINE_integer('num_cases', 100, 'Random cases to try.')
 _FIRST_SEED = flags.DEFINE_integer('first_seed', 0, 'Seed of the first case.')

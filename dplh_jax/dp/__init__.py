@@ -1,0 +1,16 @@
+"""The DP-SGD core: depends on jax, optax, numpy, scipy and dp-accounting only.
+
+Modules (one concern each): ``dp_transform`` (the optax clip-and-noise
+transform, ``ClippedSum``), ``clip_norms`` (norms that neither underflow nor
+overflow, the clipping rule), ``per_example`` (vmap per-example gradients,
+microbatching), ``one_pass_clipping`` (ghost / book-keeping clipping of Flax
+models; needs flax), ``batch_selection`` (Poisson sampling, padding),
+``accounting`` (dp-accounting on top), ``privacy_plan`` (sigma and steps
+within a budget), ``privacy_report`` (the report and its recomputation),
+``noise_keys`` (secret keys, seed provenance), ``run_binding`` (a workdir
+bound to its config and counters, one process at a time), ``audit``
+(one-run epsilon lower bounds), ``sensitivity_audit`` (an attacker's check of
+sensitivity C on random Flax models; needs flax).
+
+Nothing here imports the face application (``dplh_jax.hyperface``).
+"""

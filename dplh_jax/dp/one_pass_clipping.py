@@ -1,0 +1,482 @@
+"""Per-example clipped gradient sums in one forward and one backward pass.
+
+:func:`dplh_jax.dp.per_example.clipped_grad_sum` differentiates each example
+with respect to every parameter under ``jax.vmap``. On XLA:CPU, vmap turns
+each convolution's weight gradient into a batch-grouped convolution that runs
+several times slower than the plain one, and the per-example gradients of
+large dense layers are materialized in full.
+
+This module computes the same :class:`dp_transform.ClippedSum` the
+"book-keeping" way (Bu, Wang, Zha and Karypis, "Differentially private
+optimization on large model at small cost", ICML 2023). For every
+``nn.Dense`` and ``nn.Conv`` layer (exactly those types):
+
+1. Under ``jax.vmap`` over examples, each example's loss is differentiated
+   with respect to a zero "tap" added to every layer's output ``z`` (through
+   ``flax.linen.intercept_methods``; the model is unchanged), giving
+   ``delta = dL_i/dz``, while the layer's input ``a`` is recorded. No weight
+   gradient is formed, so vmap adds a batch axis to activations only, never to
+   kernels. Parameters outside those layers (HyperFace's learned log sigma^2,
+   norm layers' scales) get ordinary per-example gradients in the same pass.
+2. Example ``i``'s kernel gradient is ``sum_t a_t delta_t^T`` over its rows
+   ``t`` (its crops, and for a conv every output position with ``a_t`` its
+   im2col patch). Its squared norm comes from that materialized gradient or,
+   when cheaper, from Gram matrices without forming it (the "ghost norm"):
+   ``sum_{t,s} (a_t . a_s)(delta_t . delta_s)``, plus a bound on the float32
+   rounding of both that sum and the contributed sum (below).
+3. ``dp_transform.clip_factors`` turns the total norms into clip scales, and
+   the clipped sum is ``sum_i scale_i G_i`` (materialized) or
+   ``sum_t a_t (scale delta)_t^T`` (ghost).
+
+Guarantee: the same as ``dp_transform.clip_and_sum``, sensitivity ``C``.
+Example ``i`` is in its own vmap lane, so ``a`` and ``delta`` of its rows
+depend on it alone. Where the gradient is materialized, the norm and the
+contribution are the same array. Where it is not, the norm used is an upper
+bound on the contribution's norm: the Gram sum can cancel catastrophically
+in float32 (rows that nearly cancel give ~0 or even a negative value), so
+``gamma * M^2`` and ``gamma_c * M`` are added with ``M = sum_t |a_t||delta_t|``
+>= ``|G|`` and ``gamma``, ``gamma_c`` twice the first-order float32 error
+constants of the two computations. Padding and non-finite examples get scale
+0 and are selected away with ``where`` before the weighted sums.
+
+Not supported (refused or, for the first, documented): a loss that reads a
+layer's kernel or bias outside that layer's own call (tied weights, weight
+penalties) is refused when it reads it more than once; layers inside lifted
+transforms (``nn.scan``, ``nn.remat``...) fail with an error.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from typing import Any, Callable
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+
+from dplh_jax.dp import clip_norms
+from dplh_jax.dp import dp_transform
+from dplh_jax.dp import per_example
+
+PyTree = Any
+_HIGHEST = jax.lax.Precision.HIGHEST
+# Twice float32's unit roundoff (2**-24): slack for the error bounds below.
+_ROUNDING = 2.0**-23
+# Exactly these types: a subclass may compute something else in __call__, so
+# it is left to ordinary autodiff like any other layer.
+_LAYER_TYPES = (nn.Dense, nn.Conv)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerGrad:
+  """Per-example statistics of one layer's gradient.
+
+  Attributes:
+    norm: ``(B,)`` norm (or upper bound) of each example's kernel + bias
+      contribution. A NaN/Inf in the example's inputs or output gradients at
+      this layer makes its mantissa NaN/Inf (``inf * 0`` is NaN), which is
+      how non-finite examples are found without another pass.
+    clipped_sum: ``factors -> {'kernel': ..., 'bias': ...}`` weighted sums.
+  """
+  norm: clip_norms.ScaledNorm
+  clipped_sum: Callable[[clip_norms.ClipFactors], dict[str, jax.Array]]
+
+
+def _scaled_rows(a: jax.Array, delta: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Rows rescaled by powers of two so that no product or square underflows.
+
+  Example ``b``'s gradient is ``sum_t a_t delta_t^T``. Each row pair is
+  written ``2**k_t * ahat_t dhat_t^T`` with ``ahat``, ``dhat`` of largest
+  magnitude in [0.5, 1), and ``k_t`` folded into ``a`` relative to the
+  example's largest ``k``: ``G_b = 2**top_b * sum_t atilde_t dhat_t^T``. The
+  largest row then has ``|atilde_t| |dhat_t| >= 1/4``, so a Gram sum or a
+  rounding bound built from these rows cannot flush to zero while the
+  contribution stays large (as ``|delta_t|^2 ~ 1e-38`` does unscaled).
+
+  Returns:
+    ``(atilde, dhat, top)``: ``(B, T, n)``, ``(B, T, o)``, ``(B,)`` int32.
+  """
+  peak_a = jnp.max(jnp.abs(a), axis=2)
+  peak_d = jnp.max(jnp.abs(delta), axis=2)
+  exp_a, exp_d = clip_norms.exponent_of(peak_a), clip_norms.exponent_of(peak_d)
+  has_product = (peak_a > 0) & (peak_d > 0)
+  row_exp = jnp.where(has_product, exp_a + exp_d, clip_norms.ZERO_EXPONENT)
+  top = jnp.max(row_exp, axis=1)
+  # Rows without a product (a or delta zero) add nothing; NaN still spreads.
+  a_shift = jnp.where(has_product, row_exp - top[:, None] - exp_a, 0)
+  return (clip_norms.times_pow2(a, a_shift[..., None]),
+          clip_norms.times_pow2(delta, -exp_d[..., None]), top)
+
+
+def _matrix_grad(a: jax.Array, delta: jax.Array, to_kernel: Callable,
+                 use_bias: bool) -> _LayerGrad:
+  """Per-example gradient of ``z_t = a_t @ W (+ b)`` from ``(B, T, n)`` inputs
+  and ``(B, T, o)`` output gradients; ``to_kernel`` maps ``(n, o)`` to the
+  kernel's layout."""
+  a, delta = a.astype(jnp.float32), delta.astype(jnp.float32)
+  rows, fan_in = a.shape[1:]
+  fan_out = delta.shape[2]
+  a_rows, d_rows, top = _scaled_rows(a, delta)
+  if use_bias:
+    bias_norm, (bias_grads,), bias_exponent = clip_norms.scaled_norms(
+        [jnp.sum(delta, 1)])
+
+  if rows * (fan_in + fan_out) < fan_in * fan_out:
+    # Ghost norm: T x T Gram matrices instead of n x o gradients.
+    gram_a = jnp.einsum('btn,bsn->bts', a_rows, a_rows, precision=_HIGHEST)
+    gram_d = jnp.einsum('bto,bso->bts', d_rows, d_rows, precision=_HIGHEST)
+    ghost = jnp.sum(gram_a * gram_d, axis=(1, 2))
+    # M = sum_t |a_t| |delta_t| bounds |G| and every term's magnitude. The
+    # Gram sum is off by at most ~(n + o + T^2) u M^2 and the contributed
+    # einsum by ~T u M (u = 2**-24, first order), so this bounds the norm
+    # of what is actually added, even when rows cancel.
+    row_norms = jnp.sqrt(jnp.diagonal(gram_a, axis1=1, axis2=2)
+                         * jnp.diagonal(gram_d, axis1=1, axis2=2))
+    total = jnp.sum(row_norms, axis=1)
+    gamma = (fan_in + fan_out + rows * rows + 4) * _ROUNDING
+    gamma_contribution = (rows + 2) * _ROUNDING
+    bound = (jnp.sqrt(jnp.maximum(ghost, 0.0) + gamma * jnp.square(total))
+             + gamma_contribution * total)  # NaN/Inf stay non-finite
+    kernel_norm = clip_norms.normalized(bound, top)
+
+    def kernel_sum(factors: clip_norms.ClipFactors) -> jax.Array:
+      keep = factors.keep[:, None, None]
+      scaled = (factors.scale_times_pow2(top)[:, None, None]
+                * jnp.where(keep, d_rows, 0.0))
+      return jnp.einsum('btn,bto->no', jnp.where(keep, a_rows, 0.0), scaled,
+                        precision=_HIGHEST)
+  else:
+    # (B, o, n), not (B, n, o): XLA:CPU runs this contraction 2x faster.
+    # Entries are at most T in magnitude, times 2**top: no overflow.
+    grads = jnp.einsum('bto,btn->bon', d_rows, a_rows, precision=_HIGHEST)
+    grads_norm, (grads,), exponent = clip_norms.scaled_norms([grads])
+    kernel_norm = clip_norms.ScaledNorm(grads_norm.mantissa,
+                                        top + grads_norm.exponent)
+
+    def kernel_sum(factors: clip_norms.ClipFactors) -> jax.Array:
+      return factors.weighted_sum(grads, top + exponent).T
+
+  def clipped_sum(factors):
+    sums = {'kernel': to_kernel(kernel_sum(factors))}
+    if use_bias:
+      sums['bias'] = factors.weighted_sum(bias_grads, bias_exponent)
+    return sums
+
+  norm = (clip_norms.combine_norms([kernel_norm, bias_norm]) if use_bias
+          else kernel_norm)
+  return _LayerGrad(norm, clipped_sum)
+
+
+def _dense_grad(module: nn.Dense, a: jax.Array, delta: jax.Array
+                ) -> _LayerGrad:
+  """``a``, ``delta``: ``(B, ..., n)``, ``(B, ..., o)``, B examples."""
+  num_examples, fan_in, fan_out = a.shape[0], a.shape[-1], delta.shape[-1]
+  return _matrix_grad(a.reshape(num_examples, -1, fan_in),
+                      delta.reshape(num_examples, -1, fan_out),
+                      lambda kernel: kernel, module.use_bias)
+
+
+def _as_tuple(value, spatial: int) -> tuple[int, ...]:
+  if value is None:
+    return (1,) * spatial
+  if isinstance(value, int):
+    return (value,) * spatial
+  return tuple(value)
+
+
+def _patches(module: nn.Conv, window: tuple[int, ...], a: jax.Array
+             ) -> jax.Array:
+  """im2col by strided slicing: ``(N, *out, *window, C)`` patches.
+
+  Slicing moves memory only; ``lax.conv_general_dilated_patches`` runs a
+  convolution with a one-hot filter, which costs ``window * C`` times more
+  multiply-adds than the layer itself on CPU.
+  """
+  spatial = len(window)
+  strides = _as_tuple(module.strides, spatial)
+  dilation = _as_tuple(module.kernel_dilation, spatial)
+  if (module.feature_group_count != 1 or module.mask is not None
+      or _as_tuple(module.input_dilation, spatial) != (1,) * spatial):
+    raise ValueError(f'Conv {module.name}: grouped, masked or input-dilated '
+                     'convolutions are not supported by one-pass clipping.')
+  padding = module.padding
+  if isinstance(padding, str) and padding.upper() in ('SAME', 'VALID'):
+    dilated = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
+    padding = jax.lax.padtype_to_pads(a.shape[1:-1], dilated, strides,
+                                      padding.upper())
+  elif isinstance(padding, int):
+    padding = [(padding, padding)] * spatial
+  elif isinstance(padding, str):
+    raise ValueError(f'Conv {module.name}: padding {padding!r} is not '
+                     "supported by one-pass clipping (use 'SAME', 'VALID', "
+                     'an int or explicit pairs).')
+  padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  a = jnp.pad(a, [(0, 0)] + padding + [(0, 0)])
+  out = [(size - (k - 1) * d - 1) // s + 1 for size, k, d, s in
+         zip(a.shape[1:-1], window, dilation, strides)]
+  slices = []
+  for offset in itertools.product(*(range(k) for k in window)):
+    start = [0] + [o * d for o, d in zip(offset, dilation)] + [0]
+    limit = [a.shape[0]] + [st + (n - 1) * s + 1 for st, n, s in
+                            zip(start[1:-1], out, strides)] + [a.shape[-1]]
+    slices.append(jax.lax.slice(a, start, limit, (1,) + strides + (1,)))
+  patches = jnp.stack(slices, axis=-2)  # (N, *out, prod(window), C)
+  return patches.reshape(patches.shape[:-2] + (-1,))
+
+
+def _conv_grad(module: nn.Conv, a: jax.Array, delta: jax.Array
+               ) -> _LayerGrad:
+  """A conv is a dense layer on its im2col patches. ``a``: ``(B, ...,
+  *spatial, C)`` for B examples, each with any number of images."""
+  kernel_size = (module.kernel_size,) if isinstance(
+      module.kernel_size, int) else tuple(module.kernel_size)
+  spatial = len(kernel_size)
+  num_examples = a.shape[0]
+  images = a.reshape((-1,) + a.shape[-(spatial + 1):])
+  patches = _patches(module, kernel_size, images)
+  # Patch features are ordered (*window, in_channel), like Flax kernels.
+  kernel_shape = kernel_size + (a.shape[-1], delta.shape[-1])
+  return _matrix_grad(
+      patches.reshape(num_examples, -1, patches.shape[-1]),
+      delta.reshape(num_examples, -1, delta.shape[-1]),
+      lambda matrix: matrix.reshape(kernel_shape), module.use_bias)
+
+
+def _tapped_loss(loss_fn, params, example, args, taps):
+  """``loss_fn`` on one example, recording each layer's input and output and
+  adding ``taps[path]`` (if given) to its output.
+
+  Returns ``(loss_output, layer_inputs, layer_outputs)``, the last two keyed
+  by the layer's scope path (``_probe`` has refused layers called twice).
+  """
+  inputs, outputs_of = {}, {}
+
+  def interceptor(next_fun, call_args, call_kwargs, context):
+    module = context.module
+    if (context.method_name != '__call__'
+        or type(module) not in _LAYER_TYPES):  # pylint: disable=unidiomatic-typecheck
+      return next_fun(*call_args, **call_kwargs)
+    path = module.scope.path
+    inputs[path] = call_args[0]
+    out = next_fun(*call_args, **call_kwargs)
+    outputs_of[path] = out
+    return out if taps is None else out + taps[path]
+
+  with nn.intercept_methods(interceptor):
+    out = loss_fn(params, example, *args)
+  return out, inputs, outputs_of
+
+
+# Primitives that only re-type or re-shape a parameter on its way to its
+# layer's contraction (a dtype cast, the bias's broadcastable reshape).
+_PASS_THROUGH = frozenset({'convert_element_type', 'reshape',
+                           'broadcast_in_dim', 'expand_dims', 'squeeze',
+                           'copy'})
+# What must finally read each parameter for its gradient to be the one
+# rebuilt from the layer's input and output gradient.
+_CONSUMERS = {'kernel': frozenset({'dot_general', 'conv_general_dilated'}),
+              'bias': frozenset({'add'})}
+
+
+def _record_uses(jaxpr, tracked: dict, uses: dict) -> dict:
+  """Appends to ``uses[key]`` the primitive of each equation reading a
+  tracked variable, following it through pass-through primitives and into
+  (and out of) nested jaxprs of call-like primitives (jit, remat). A custom
+  derivative (``custom_jvp_call``, ``custom_vjp_call``) is recorded as a use
+  itself: its gradient rule is user code.
+
+  Returns ``tracked`` with the variables the tracked values flowed into.
+  """
+  tracked = dict(tracked)
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    inner = eqn.params.get('jaxpr') or eqn.params.get('call_jaxpr')
+    inner = getattr(inner, 'jaxpr', inner)
+    for position, var in enumerate(eqn.invars):
+      if id(var) not in tracked:
+        continue
+      key = tracked[id(var)]
+      if ('custom' not in name and inner is not None
+          and len(inner.invars) == len(eqn.invars)
+          and len(inner.outvars) == len(eqn.outvars)):
+        flowed = _record_uses(inner, {id(inner.invars[position]): key}, uses)
+        for inner_out, outer_out in zip(inner.outvars, eqn.outvars):
+          if id(inner_out) in flowed:
+            tracked[id(outer_out)] = key
+      elif name in _PASS_THROUGH:
+        for out in eqn.outvars:
+          tracked[id(out)] = key
+      else:
+        uses[key].append(name)
+  return tracked
+
+
+# Attributes that replace the layer's contraction with user code: the kernel
+# gradient would no longer be sum_t a_t delta_t^T.
+_CUSTOM_CONTRACTIONS = {
+    nn.Dense: ('dot_general', 'dot_general_cls'),
+    nn.Conv: ('conv_general_dilated', 'conv_general_dilated_cls'),
+}
+
+
+def _probe(loss_fn, params, example, args) -> tuple[dict, dict]:
+  """The layers one-pass clipping handles, and how the loss reads each
+  parameter; raises ValueError naming what it cannot handle exactly.
+
+  Refused: a layer's kernel or bias read more than once (tied weights, a
+  weight penalty: the other part of its gradient would be missing), read
+  through a custom derivative (its rule, not ``a^T delta``, defines the
+  gradient), transformed on its way to the layer by anything but a cast or
+  a reshape (``lax.stop_gradient``, a scaling: the gradient would be that of
+  the transformed value), or a Dense / Conv with a custom contraction.
+
+  Returns:
+    ``(modules, layer_keys)``: the layers by scope path, and the flat keys of
+    their parameters.
+  """
+  modules = {}
+
+  def record(next_fun, call_args, call_kwargs, context):
+    module = context.module
+    if (context.method_name == '__call__'
+        and type(module) in _LAYER_TYPES):  # pylint: disable=unidiomatic-typecheck
+      path = module.scope.path
+      if path in modules:
+        raise ValueError(f'Layer {"/".join(path)} is called more than once; '
+                         'shared layers are not supported by one-pass '
+                         'clipping.')
+      modules[path] = module
+    return next_fun(*call_args, **call_kwargs)
+
+  flat = traverse_util.flatten_dict(params)
+  keys = sorted(flat)
+
+  def loss_of(leaves):
+    with nn.intercept_methods(record):
+      return loss_fn(traverse_util.unflatten_dict(dict(zip(keys, leaves))),
+                     example, *args)
+
+  jaxpr = jax.make_jaxpr(loss_of)([flat[k] for k in keys]).jaxpr
+  uses = collections.defaultdict(list)
+  _record_uses(jaxpr, {id(v): k for v, k in zip(jaxpr.invars, keys)}, uses)
+  for path, module in modules.items():
+    for attribute in _CUSTOM_CONTRACTIONS[type(module)]:
+      if getattr(module, attribute, None) is not None:
+        raise ValueError(
+            f'Layer {"/".join(path)} ({type(module).__name__}) has a custom '
+            f'{attribute}; one-pass clipping cannot derive its kernel '
+            "gradient. Use per_example.clipped_grad_sum (clipping='vmap').")
+  # ('params', *layer path, 'kernel' | 'bias') belongs to a layer.
+  layer_keys = {key for key in flat if key[1:-1] in modules}
+  for key in sorted(layer_keys):
+    name = '/'.join(key)
+    custom = [use for use in uses[key] if 'custom' in use]
+    if custom:
+      raise ValueError(
+          f'Parameter {name} is read through a custom derivative '
+          f'({custom[0]}); one-pass clipping cannot see its gradient rule. '
+          "Use per_example.clipped_grad_sum (clipping='vmap').")
+    if len(uses[key]) > 1:
+      raise ValueError(
+          f'Parameter {name} is read {len(uses[key])} times, not only by '
+          'its layer; one-pass clipping would miss part of its gradient. Use '
+          "per_example.clipped_grad_sum (clipping='vmap').")
+    if uses[key] and uses[key][0] not in _CONSUMERS.get(key[-1], ()):
+      raise ValueError(
+          f'Parameter {name} reaches its layer through {uses[key][0]}, not '
+          'directly; one-pass clipping would differentiate the transformed '
+          "value. Use per_example.clipped_grad_sum (clipping='vmap').")
+  return modules, layer_keys
+
+
+def clipped_grad_sum(
+    loss_fn: Callable[..., Any],
+    l2_norm_clip: float,
+    *,
+    has_aux: bool = False,
+    microbatch_size: int | None = None,
+) -> Callable[..., Any]:
+  """One-pass drop-in for :func:`dplh_jax.dp.per_example.clipped_grad_sum`.
+
+  Same arguments and result (up to float rounding; see the module docstring
+  for the guarantee and what is not supported).
+
+  Args:
+    loss_fn: ``loss_fn(params, example, *args) -> loss`` or ``(loss, aux)``
+      of ONE example; ``params`` is a Flax variables dict.
+    l2_norm_clip: clip norm ``C`` of each example's whole gradient.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    microbatch_size: examples per chunk; None clips the whole batch at once.
+
+  Returns:
+    ``(params, batch, *args, is_padding_example=None) -> clipped_sum`` (or
+    ``(clipped_sum, aux)``, ``aux`` per example).
+  """
+  l2_norm_clip = dp_transform.check_l2_norm_clip(l2_norm_clip)
+
+  def loss_and_aux(params, example, *args):
+    out = loss_fn(params, example, *args)
+    return out if has_aux else (out, None)
+
+  def clip_chunk(params, chunk, is_padding_example, *args):
+    num_examples = is_padding_example.shape[0]
+    first = jax.tree.map(lambda x: x[0], chunk)
+    modules, layer_keys = _probe(loss_and_aux, params, first, args)
+    layer_outputs = jax.eval_shape(lambda: _tapped_loss(
+        loss_and_aux, params, first, args, None)[2])
+    flat_params = traverse_util.flatten_dict(params)
+    other_params = {key: value for key, value in flat_params.items()
+                    if key not in layer_keys}
+
+    def one_example(taps, others, example):
+      merged = traverse_util.unflatten_dict(flat_params | others)
+      (loss, aux), inputs, _ = _tapped_loss(loss_and_aux, merged, example,
+                                            args, taps)
+      return loss, (inputs, aux)
+
+    zero_taps = {path: jnp.zeros(s.shape, s.dtype)
+                 for path, s in layer_outputs.items()}
+    # Each example in its own vmap lane: its deltas and inputs depend on it
+    # alone, whatever the model does inside one example.
+    (deltas, other_grads), (inputs, aux) = jax.vmap(
+        jax.grad(one_example, argnums=(0, 1), has_aux=True),
+        in_axes=(None, None, 0))(zero_taps, other_params, chunk)
+
+    layer_grads = []
+    for path, module in modules.items():
+      grad_of = _dense_grad if type(module) is nn.Dense else _conv_grad  # pylint: disable=unidiomatic-typecheck
+      layer_grads.append((path, grad_of(module, inputs[path], deltas[path])))
+    other_norms, other_exponents = {}, {}
+    for key, g in other_grads.items():
+      other_norms[key], (other_grads[key],), other_exponents[key] = (
+          clip_norms.scaled_norms(
+              [g.astype(jnp.float32).reshape(num_examples, -1)]))
+    norms = clip_norms.combine_norms(
+        [layer.norm for _, layer in layer_grads] + list(other_norms.values()))
+    # Any NaN/Inf that could reach the example's contribution makes its norm
+    # non-finite (see _LayerGrad); it contributes 0.
+    factors = clip_norms.clip_factors(
+        norms, jnp.isfinite(norms.mantissa), ~is_padding_example,
+        l2_norm_clip)
+
+    sums = {key: factors.weighted_sum(g, other_exponents[key]).reshape(
+                flat_params[key].shape) for key, g in other_grads.items()}
+    for path, layer in layer_grads:
+      for name, value in layer.clipped_sum(factors).items():
+        sums[('params',) + path + (name,)] = value
+    for key, value in flat_params.items():
+      if key not in sums or sums[key].shape != value.shape:
+        raise ValueError(f'No gradient of the right shape for parameter '
+                         f'{"/".join(key)} {value.shape}.')
+    if set(sums) != set(flat_params):
+      raise ValueError('Gradients for unknown parameters: '
+                       f'{sorted(set(sums) - set(flat_params))}.')
+    return dp_transform.clipped_sum_of(
+        factors, traverse_util.unflatten_dict(sums)), aux
+
+  return per_example.microbatched(clip_chunk, has_aux=has_aux,
+                                  microbatch_size=microbatch_size)

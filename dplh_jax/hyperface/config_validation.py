@@ -1,0 +1,52 @@
+"""Checks a training config before anything runs: one error naming the field."""
+
+from __future__ import annotations
+
+import ml_collections
+
+OPTIMIZERS = ('sgd', 'momentum', 'adam')
+TASK_WEIGHTINGS = ('uncertainty', 'fixed')
+INITIAL_TASK_WEIGHTS = ('hyperface', 'equal')
+CLIPPING_METHODS = ('one_pass', 'vmap')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field and its value."""
+  def need(condition: bool, field: str, requirement: str) -> None:
+    if not condition:
+      raise ValueError(f'config.{field}={config[field]!r}: {requirement}.')
+
+  need(config.expected_batch_size > 0, 'expected_batch_size', 'must be > 0')
+  need(config.num_epochs > 0, 'num_epochs', 'must be > 0')
+  need(config.optimizer in OPTIMIZERS, 'optimizer', f'use one of {OPTIMIZERS}')
+  need(config.task_weighting in TASK_WEIGHTINGS, 'task_weighting',
+       f'use one of {TASK_WEIGHTINGS}')
+  need(config.initial_task_weights in INITIAL_TASK_WEIGHTS,
+       'initial_task_weights', f'use one of {INITIAL_TASK_WEIGHTS}')
+  need(config.num_positives <= config.num_proposals, 'num_positives',
+       f'must be <= num_proposals={config.num_proposals}')
+  for field in ('log_every', 'checkpoint_every', 'eval_batch_size'):
+    need(config[field] >= 1, field, 'must be >= 1')
+  need(config.eval_every >= 0, 'eval_every',
+       'must be >= 0 (0: evaluate at the end only)')
+  need(config.microbatch_size is None or config.microbatch_size >= 1,
+       'microbatch_size', 'must be None or >= 1')
+  need(config.clipping in CLIPPING_METHODS, 'clipping',
+       f'use one of {CLIPPING_METHODS}')
+  for field in ('seed', 'noise_seed', 'sampler_seed'):
+    need(config[field] is None or 0 <= config[field] < 2**32, field,
+         'must be in [0, 2**32) (JAX keeps 32 bits of a seed, so larger '
+         'ones collide)')
+  if not config.dp:
+    return
+  need(config.privacy_unit == 'image', 'privacy_unit',
+       "only 'image' is implemented (one image = one unit of privacy)")
+  need(config.l2_norm_clip > 0, 'l2_norm_clip', 'must be > 0')
+  need(0 < config.delta < 1, 'delta', 'must be in (0, 1)')
+  need(config.accountant in ('pld', 'rdp'), 'accountant', "use 'pld' or 'rdp'")
+  need(config.target_epsilon is not None or config.noise_multiplier is not None,
+       'target_epsilon', 'give target_epsilon or noise_multiplier for DP')
+  if config.target_epsilon is not None:
+    need(config.target_epsilon > 0, 'target_epsilon', 'must be > 0')
+  if config.noise_multiplier is not None:
+    need(config.noise_multiplier >= 0, 'noise_multiplier', 'must be >= 0')

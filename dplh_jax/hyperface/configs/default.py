@@ -1,0 +1,80 @@
+"""CPU demo: DP HyperFace (small) on synthetic faces, target epsilon 5 at 1e-5.
+
+Run:  dplh-train --config default \
+          --workdir workdirs/default
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The demo configuration; every field is overridable as --config.x=..."""
+  config = ml_collections.ConfigDict()
+
+  # Data: a TFDS name 'dataset/builder_config'; data_dir '' = TFDS default.
+  config.dataset = 'synthetic_faces/demo'
+  config.data_dir = ''
+  config.num_proposals = 4  # K proposals per image (one privacy unit)
+  config.num_positives = 2
+  config.num_train_examples = -1  # -1: the whole train split
+
+  # Model: HyperFace scaled for CPU (like models.HyperFaceConfig.small, at
+  # 48 px: feature maps 22 -> 10 -> 4 -> 1).
+  config.input_size = 48
+  config.width_multiplier = 0.125
+  config.conv1_kernel = 5
+  config.conv1_stride = 2
+  config.dropout_rate = 0.0
+  # Task weights: 'fixed' (HyperFace's 1, 5, 0.5, 5, 2) or 'uncertainty'
+  # (DPLH Eq. 7: learned log sigma^2, inside the clip). In the short demo
+  # run the learned weights grow like 1 / loss and hand the shared clip to
+  # the small-loss regressions, starving gender (README, "Demo results",
+  # has the measured runs). dplh_aflw.py uses the learned weights, as DPLH.
+  config.task_weighting = 'fixed'
+  # Where learned weights start: HyperFace's (1, 5, 0.5, 5, 2) or all equal.
+  config.initial_task_weights = 'hyperface'
+
+  # Privacy. Give target_epsilon (sigma is calibrated for the planned steps),
+  # noise_multiplier (epsilon is reported), or both (training stops at the
+  # last step whose epsilon is within the target).
+  config.dp = True
+  config.privacy_unit = 'image'
+  config.l2_norm_clip = 1.0
+  config.target_epsilon = config_dict.placeholder(float)
+  config.target_epsilon = 5.0
+  config.noise_multiplier = config_dict.placeholder(float)
+  config.delta = 1e-5
+  config.accountant = 'pld'  # or 'rdp'
+
+  # Optimization. q = expected_batch_size / num_train_examples. Epochs and
+  # batch are the best setting found within the demo's 10-minute CPU budget
+  # (README, "Demo results", has the tuning runs).
+  config.expected_batch_size = 256
+  config.num_epochs = 5.0
+  config.optimizer = 'adam'  # 'sgd', 'momentum' or 'adam'
+  config.learning_rate = 3e-3
+  config.momentum = 0.9
+  # Per-example clipping: 'one_pass' (one forward and backward for the whole
+  # chunk, dplh_jax.dp.one_pass_clipping) or 'vmap' (jax.vmap(jax.grad)); same
+  # clipped sum and guarantee; one-pass is the faster on CPU (BENCHMARKS.md).
+  config.clipping = 'one_pass'
+  # Images per chunk. None: the whole padded batch at once (fastest on CPU,
+  # where loops run slower); set it to bound memory for large batches.
+  config.microbatch_size = config_dict.placeholder(int)
+
+  # Randomness. Model init, dropout and proposals follow `seed`. The DP noise
+  # and the Poisson sampler draw from OS entropy unless their seeds are set:
+  # anyone who knows the noise seed can subtract the noise, so set it only
+  # for tests and debugging (the privacy report says which was used).
+  config.seed = 0
+  config.noise_seed = config_dict.placeholder(int)
+  config.sampler_seed = config_dict.placeholder(int)
+
+  # Bookkeeping (in steps).
+  config.log_every = 25
+  config.eval_every = 0  # held-out evaluation every n steps; 0: at the end
+  config.checkpoint_every = 50
+  config.eval_batch_size = 64
+  config.num_eval_examples = -1  # -1: the whole test split
+  return config

@@ -1,0 +1,59 @@
+"""Opens a run's face dataset (TFDS, random access) as train and test sources."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+import dplh_jax.hyperface.datasets  # pylint: disable=unused-import  (registers builders)
+from dplh_jax.hyperface import input_pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  train: Sequence[dict[str, Any]]
+  test: Sequence[dict[str, Any]]
+  pipeline_config: input_pipeline.PipelineConfig
+
+
+class _Prefix(Sequence):
+  """The first ``size`` records of a random-access source."""
+
+  def __init__(self, source, size: int):
+    self._source, self._size = source, size
+
+  def __len__(self) -> int:
+    return self._size
+
+  def __getitem__(self, index):
+    if not 0 <= index < self._size:
+      raise IndexError(index)
+    return self._source[index]
+
+
+def load_data(config: ml_collections.ConfigDict) -> Data:
+  """Prepares (builds if needed) the TFDS dataset and opens random access."""
+  data_dir = config.data_dir or None
+  if data_dir is not None and not os.path.isdir(data_dir):
+    raise ValueError(f'config.data_dir={config.data_dir!r} does not exist.')
+  builder = tfds.builder(config.dataset, data_dir=data_dir)
+  if not builder.is_prepared():
+    print(f'Preparing {config.dataset} in {builder.data_dir} ...',
+          flush=True)
+    builder.download_and_prepare()
+  sources = builder.as_data_source()
+  train = sources['train']
+  if config.num_train_examples > 0:
+    if config.num_train_examples > len(train):
+      raise ValueError(
+          f'config.num_train_examples={config.num_train_examples} exceeds '
+          f'the {len(train)} training images of {config.dataset}.')
+    train = _Prefix(train, config.num_train_examples)
+  return Data(train, sources['test'], input_pipeline.PipelineConfig(
+      crop_size=config.input_size, num_proposals=config.num_proposals,
+      num_positives=config.num_positives))

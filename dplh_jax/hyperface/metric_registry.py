@@ -1,0 +1,60 @@
+"""The held-out metrics every table and figure shows: one registry.
+
+Each :class:`Metric` names a key of ``metrics.EvalAccumulator.result()`` with
+its label, kind and format (docs/DESIGN.md, Metric conventions). The run
+summary (:func:`summary_table`), the sweep tables and the sweep plots all read
+this tuple, so their labels cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  key: str  # a key of EvalAccumulator.result(), a column of the sweep CSVs
+  label: str
+  kind: str  # 'accuracy' (higher is better) or 'error' (lower is better)
+  fmt: str
+
+
+METRICS = (
+    Metric('detection_accuracy', 'detection accuracy', 'accuracy', '{:.3f}'),
+    Metric('detection_ap', 'detection AP (proposals)', 'accuracy', '{:.3f}'),
+    Metric('landmark_nme', 'landmark NME (box-normalized)', 'error', '{:.4f}'),
+    Metric('landmark_mse', 'landmark MSE (crop units)', 'error', '{:.4f}'),
+    Metric('visibility_accuracy', 'visibility accuracy', 'accuracy', '{:.3f}'),
+    Metric('visibility_mse', 'visibility MSE', 'error', '{:.4f}'),
+    Metric('pose_mae_deg', 'pose MAE (degrees)', 'error', '{:.2f}'),
+    Metric('pose_mse', 'pose MSE (rad^2)', 'error', '{:.4f}'),
+    Metric('gender_accuracy', 'gender accuracy', 'accuracy', '{:.3f}'),
+)
+
+
+def privacy_cell(report: dict[str, Any]) -> str:
+  """The privacy a run spent, in one table cell."""
+  if not report['dp']:
+    return 'none (non-private)'
+  return (f'epsilon={report["epsilon"]:.3f}, delta={report["delta"]:g} '
+          f'({report["accountant"]}), sigma={report["noise_multiplier"]:.3f}, '
+          f'q={report["sampling_prob"]:.4g}, steps={report["steps"]}')
+
+
+def summary_table(eval_metrics: dict[str, float],
+                  report: dict[str, Any]) -> str:
+  """A Markdown table of the held-out metrics and the privacy spent.
+
+  >>> print(summary_table({m.key: 0.5 for m in METRICS}, {'dp': False}))
+  | metric | value |
+  |---|---|
+  | detection accuracy | 0.500 |
+  ...
+  | privacy | none (non-private) |
+  """
+  lines = ['| metric | value |', '|---|---|']
+  lines += [f'| {m.label} | {m.fmt.format(eval_metrics[m.key])} |'
+            for m in METRICS]
+  lines.append(f'| privacy | {privacy_cell(report)} |')
+  return '\n'.join(lines)

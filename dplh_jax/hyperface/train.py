@@ -1,0 +1,402 @@
+"""DP (or non-private) training and evaluation of HyperFace on a face dataset.
+
+``train_and_evaluate(config, workdir)`` is the whole job; the ``dplh-train``
+command (``cli/train.py``) only parses flags. One DP step is::
+
+    Poisson sample (rate q) -> per-image examples, padded -> clipped_grad_sum
+    (per image: all its proposals, all five task losses and, with
+    task_weighting='uncertainty', the learned log sigma^2 weights)
+    -> dp_aggregate (noise once, / expected batch) -> optimizer
+    -> accountant.compose(sigma, q, 1)
+
+Privacy plan (``dplh_jax.dp.privacy_plan``). With ``target_epsilon`` alone,
+sigma is calibrated so the planned steps spend at most the target. With
+``noise_multiplier`` alone, the planned steps run and their epsilon is
+reported. With both, training stops at the last step whose epsilon stays
+within the target. Before the first step the whole remaining plan is checked
+against the target, so a run never passes it.
+
+Workdir and resume. A run holds ``workdir/.lock`` (``flock``) from start to
+end, so a second process into the same workdir is refused at once. A fresh
+workdir is bound to its config: ``config.json`` is written and a checkpoint
+is saved at step 0, before the first step; every checkpoint record holds the
+config too. Re-running in the workdir resumes from the latest checkpoint and
+replays the steps after it with the saved noise key and sampler state, so a
+killed run's steps are reproduced bit for bit, never re-released with other
+noise (docs/DESIGN.md, Privacy rules, rule 5). For that the resume must compute what the dead run
+computed: it is refused, before any data is loaded, if any config field
+differs from the saved one but ``workdir.RESUMABLE_FIELDS`` (log_every,
+checkpoint_every, data_dir), and after restoring if the privacy plan
+differs or the checkpoint's counters disagree (train step = steps accounted
+= noise draws = sampler draws) or its accountant holds another (sigma, q),
+so the report always counts exactly the steps trained (docs/DESIGN.md, Privacy rules, rule 6). Metric
+lines of replayed steps replace the dead run's (``metric_writer``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dplh_jax.dp import accounting
+from dplh_jax.dp import dp_transform
+from dplh_jax.dp import noise_keys
+from dplh_jax.dp import one_pass_clipping
+from dplh_jax.dp import per_example
+from dplh_jax.dp import privacy_plan
+from dplh_jax.dp import privacy_report
+from dplh_jax.dp import run_binding
+from dplh_jax.dp.batch_selection import PoissonSampler
+from dplh_jax.hyperface import checkpoint
+from dplh_jax.hyperface import config_validation
+from dplh_jax.hyperface import data_loading
+from dplh_jax.hyperface import input_pipeline
+from dplh_jax.hyperface import losses
+from dplh_jax.hyperface import metric_writer
+from dplh_jax.hyperface import metrics as metrics_lib
+from dplh_jax.hyperface import model_setup
+from dplh_jax.hyperface import models
+from dplh_jax.hyperface import workdir as workdir_lib
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Everything the train step's computation depends on (hashable).
+
+  Runs with equal specs share one compiled step. The DP noise key is not part
+  of it: the step reads the key from the optimizer state, never from how the
+  transform was built.
+  """
+  model: models.HyperFace
+  weighting: Any
+  dp: bool
+  l2_norm_clip: float
+  noise_multiplier: float
+  expected_batch_size: float
+  optimizer: str
+  learning_rate: float
+  momentum: float
+  microbatch_size: int | None
+  clipping: str
+
+  @classmethod
+  def from_config(cls, config, model, weighting, noise_multiplier):
+    return cls(model, weighting, config.dp, config.l2_norm_clip,
+               noise_multiplier, config.expected_batch_size, config.optimizer,
+               config.learning_rate, config.momentum, config.microbatch_size,
+               config.clipping)
+
+
+def make_optimizer(spec: StepSpec, noise_key) -> optax.GradientTransformation:
+  """``dp_aggregate`` (if DP) chained with the configured optimizer."""
+  if spec.optimizer == 'adam':
+    optimizer = optax.adam(spec.learning_rate)
+  else:
+    momentum = spec.momentum if spec.optimizer == 'momentum' else None
+    optimizer = optax.sgd(spec.learning_rate, momentum=momentum)
+  if not spec.dp:
+    return optimizer
+  return optax.chain(
+      dp_transform.dp_aggregate(spec.l2_norm_clip, spec.noise_multiplier,
+                                spec.expected_batch_size, noise_key),
+      optimizer)
+
+
+def clipped_sum_fn(spec: StepSpec):
+  """``(params, batch, rng, is_padding_example) -> (ClippedSum, aux)``.
+
+  ``'one_pass'`` (dplh_jax.dp.one_pass_clipping) and ``'vmap'``
+  (dplh_jax.dp.per_example) compute the same clipped sum of the same per-image
+  loss, with the same guarantee; one-pass avoids vmap's batch-grouped
+  convolutions.
+  """
+  clipped_grad_sum = (per_example.clipped_grad_sum if spec.clipping == 'vmap'
+                      else one_pass_clipping.clipped_grad_sum)
+  return clipped_grad_sum(
+      functools.partial(losses.per_image_loss, model=spec.model,
+                        weighting=spec.weighting),
+      spec.l2_norm_clip, has_aux=True, microbatch_size=spec.microbatch_size)
+
+
+def make_train_step(spec: StepSpec):
+  """The pure step ``(state, batch, rng) -> (state, metrics)``."""
+  example_loss = functools.partial(losses.loss_from_outputs,
+                                   weighting=spec.weighting)
+  clipped_sum = clipped_sum_fn(spec) if spec.dp else None
+  # The construction key is never read by update(): the key is in the state.
+  tx = make_optimizer(spec, noise_key=0)
+
+  def mean_over_images(values, is_real):
+    weights = is_real.astype(jnp.float32)
+    denominator = jnp.maximum(jnp.sum(weights), 1.0)
+    return jax.tree.map(
+        lambda v: jnp.tensordot(weights, v.astype(jnp.float32), axes=1)
+        / denominator, values)
+
+  def train_step(state: TrainState, batch, rng):
+    is_real = ~batch['is_padding_example']
+    if spec.dp:
+      gradient, aux = clipped_sum(
+          state.params, batch, rng,
+          is_padding_example=batch['is_padding_example'])
+    else:
+      def batch_loss(params):
+        # The whole batch as one flat batch of crops: faster than a vmap
+        # of per_image_loss; dropout masks differ from it, not their law.
+        outputs = models.apply_to_images(spec.model, params, batch['crops'],
+                                         rng)
+        image_losses, aux = jax.vmap(example_loss, (None, 0, 0))(
+            params, outputs, batch)
+        return mean_over_images(image_losses, is_real), aux
+      gradient, aux = jax.grad(batch_loss, has_aux=True)(state.params)
+    updates, opt_state = tx.update(gradient, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # Train metrics are computed from private data without noise: they are
+    # for watching the run, not covered by the privacy guarantee.
+    step_metrics = {
+        f'train_loss_{task}': value
+        for task, value in mean_over_images(aux['task_losses'], is_real).items()
+    }
+    if 'sigma' in aux:
+      step_metrics |= {f'task_sigma_{task}': value[0] for task, value in
+                       aux['sigma'].items()}
+    if spec.dp:
+      dp_state = dp_transform.dp_state(opt_state)
+      step_metrics |= {'clipped_fraction': dp_state.clipped_fraction,
+                       'non_finite_examples': dp_state.num_non_finite,
+                       'realized_batch_size': dp_state.realized_batch_size}
+    return TrainState(state.step + 1, params, opt_state), step_metrics
+
+  return train_step
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_train_step(spec: StepSpec):
+  """The jitted step for ``spec``, shared by every run with that spec."""
+  return jax.jit(make_train_step(spec), donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_eval_step(model: models.HyperFace):
+  return jax.jit(make_eval_step(model))
+
+
+def make_eval_step(model: models.HyperFace):
+  """``(params, crops (B, K, S, S, 3)) -> outputs`` with (B, K) axes."""
+  return functools.partial(models.apply_to_images, model)
+
+
+def evaluate(eval_step, params, source, pipeline_config, config) -> dict:
+  """Held-out metrics over the first ``num_eval_examples`` test images."""
+  accumulator = metrics_lib.EvalAccumulator()
+  limit = config.num_eval_examples
+  if limit > 0:
+    source = [source[i] for i in range(min(limit, len(source)))]
+  for batch in input_pipeline.prefetch(input_pipeline.eval_batches(
+      source, pipeline_config, batch_size=config.eval_batch_size,
+      seed=config.seed)):
+    outputs = jax.device_get(eval_step(params, batch['crops']))
+    accumulator.update(outputs, batch)
+  return accumulator.result()
+
+
+def _to_python(tree) -> dict:
+  return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       data: data_loading.Data | None = None) -> dict[str, Any]:
+  """Trains, checkpoints, evaluates and writes the privacy report.
+
+  Resumes from the latest checkpoint in ``workdir`` if there is one, and only
+  if ``config`` is the config the workdir started with (up to
+  ``RESUMABLE_FIELDS``) and the checkpoint's counters agree; holds
+  ``workdir/.lock`` for the whole run, so a second process is refused.
+
+  Args:
+    config: the run's config (see ``dplh_jax/hyperface/configs/default.py``).
+    workdir: where checkpoints, metrics and the privacy report go.
+    data: the train and test sources; None loads ``config.dataset``. The
+      privacy report counts ``len(data.train)`` examples, so a caller that
+      adds examples (for example audit canaries) gets them accounted for.
+      The workdir binding sees the config, not ``data``: a resume with other
+      data of another size is refused by the privacy plan check; do not
+      resume with other data of the same size.
+
+  Returns:
+    ``{'eval': held-out metrics, 'privacy': the privacy report, 'state':
+    the final TrainState}``.
+
+  Raises:
+    ValueError: a bad config or data, a resume the workdir's binding refuses,
+      or (``run_binding.WorkdirInUseError``) a workdir in use.
+  """
+  with run_binding.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, data)
+
+
+def _train_and_evaluate(config, workdir, data):
+  """:func:`train_and_evaluate` with the workdir locked."""
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  try:
+    return _run(config, workdir, data, checkpointer)
+  finally:
+    checkpointer.close()
+
+
+def _run(config, workdir, data, checkpointer):
+  config_dict, record = workdir_lib.bind_workdir(config, workdir, checkpointer)
+  config_validation.validate_config(config)
+  if record is None:
+    workdir_lib.write_config(config_dict, workdir)
+  if data is None:
+    data = data_loading.load_data(config)
+  num_examples = len(data.train)
+  model, weighting = model_setup.build_model(config)
+  accountant = accounting.PrivacyAccountant(config.accountant)
+  plan = privacy_plan.plan_privacy(
+      num_examples=num_examples,
+      expected_batch_size=config.expected_batch_size,
+      num_epochs=config.num_epochs, dp=config.dp,
+      noise_multiplier=config.noise_multiplier,
+      target_epsilon=config.target_epsilon, delta=config.delta,
+      accountant=config.accountant, spent=accountant)
+  noise_key, noise_source = noise_keys.secret_key(config.noise_seed)
+  sampler_source = noise_keys.seed_source(config.sampler_seed)
+  spec = StepSpec.from_config(config, model, weighting, plan.noise_multiplier)
+  tx = make_optimizer(spec, noise_key)
+  params = model_setup.init_params(config, model)
+  # Committed to the device like a restored checkpoint, so a resumed run
+  # reuses the compiled step instead of compiling a second one.
+  state = jax.device_put(TrainState(jnp.int32(0), params, tx.init(params)),
+                         jax.devices()[0])
+  sampler = PoissonSampler(num_examples, config.expected_batch_size,
+                           seed=config.sampler_seed)
+  if record is not None:
+    try:
+      state, record = checkpointer.restore(state)
+    except ValueError as error:  # Orbax: the saved tree is not this config's.
+      raise ValueError(
+          f'The checkpoint in {workdir} does not fit this config (did '
+          'task_weighting, the model size or the optimizer change?); use a '
+          f'new workdir. Orbax said: {error}') from error
+    accountant = accounting.PrivacyAccountant.from_dict(record['accountant'])
+    workdir_lib.check_resume(record, config, plan, state, accountant)
+    sampler.load_state_dict(record['sampler'])
+    # The restored key and sampler state come from the first run's seeds.
+    noise_source = record['noise_seed_source']
+    sampler_source = record['sampler_seed_source']
+    print(f'Resumed from step {int(state.step)}.', file=sys.stderr)
+
+  def checkpoint_record(sampler_state):
+    return {'sampler': sampler_state, 'accountant': accountant.to_dict(),
+            'noise_seed_source': noise_source,
+            'sampler_seed_source': sampler_source,
+            'privacy_plan': dataclasses.asdict(plan), 'config': config_dict}
+
+  start = int(state.step)
+  if start > plan.num_steps:
+    raise ValueError(f'The checkpoint in {workdir} is at step {start}, past '
+                     f'the {plan.num_steps} steps this config plans; use a '
+                     'new workdir.')
+  if config.dp and config.target_epsilon is not None:
+    planned_epsilon = accountant.epsilon_after(
+        config.delta, plan.noise_multiplier, plan.sampling_prob,
+        plan.num_steps - start)
+    if planned_epsilon > config.target_epsilon:
+      raise ValueError(f'The plan would spend epsilon={planned_epsilon:.4f} '
+                       f'> target_epsilon={config.target_epsilon}.')
+  print(f'Plan: {plan.num_steps} steps, q={plan.sampling_prob:.5f}, '
+        f'noise_multiplier={plan.noise_multiplier:.4f}, {num_examples} '
+        'training images.', file=sys.stderr, flush=True)
+  if plan.num_steps < plan.requested_steps:
+    print(f'Warning: target_epsilon={config.target_epsilon} at '
+          f'noise_multiplier={plan.noise_multiplier} pays for only '
+          f'{plan.num_steps} of the {plan.requested_steps} steps that '
+          f'num_epochs={config.num_epochs} asks for; training stops there.',
+          file=sys.stderr, flush=True)
+  if record is None:
+    # Bound before the first step: a run killed before its first periodic
+    # checkpoint resumes here, with this noise key and sampler state, and
+    # replays the same steps instead of drawing a fresh key.
+    checkpointer.save(0, state, checkpoint_record(sampler.state_dict()))
+
+  train_step = compiled_train_step(spec)
+  base_rng = jax.random.key(config.seed)
+  # Metrics of the steps this run replays were written by the dead run; so
+  # was the final evaluation, if a finished run is resumed.
+  writer = metric_writer.MetricWriter(
+      workdir, resume_step=start,
+      rewritten_splits=('eval',) if start == plan.num_steps else ())
+  batches = input_pipeline.prefetch(input_pipeline.train_batches(
+      data.train, sampler, data.pipeline_config, seed=config.seed,
+      start_step=start, num_steps=plan.num_steps))
+  timer_start, timer_steps = time.time(), 0
+  for step, batch, sampler_state in batches:
+    state, step_metrics = train_step(state, batch,
+                                     jax.random.fold_in(base_rng, step))
+    if config.dp:
+      accountant.compose(plan.noise_multiplier, plan.sampling_prob, 1)
+    timer_steps += 1
+    done = step + 1
+    if done % config.log_every == 0 or done == plan.num_steps:
+      step_metrics = _to_python(step_metrics)
+      rate = timer_steps / (time.time() - timer_start)
+      epsilon = accountant.epsilon(config.delta) if config.dp else None
+      writer.write(done, 'train', step_metrics | {
+          'steps_per_second': rate, 'epsilon': epsilon})
+      print_progress(done, plan.num_steps, rate, epsilon, step_metrics)
+      timer_start, timer_steps = time.time(), 0
+    if (config.eval_every and done % config.eval_every == 0
+        and done < plan.num_steps):  # The final evaluation follows the loop.
+      writer.write(done, 'eval', evaluate(
+          compiled_eval_step(model), state.params, data.test,
+          data.pipeline_config, config))
+    if done % config.checkpoint_every == 0 or done == plan.num_steps:
+      checkpointer.save(done, state, checkpoint_record(sampler_state))
+  print(f'Train step compiled {train_step._cache_size()} time(s).',  # pylint: disable=protected-access
+        file=sys.stderr)
+
+  eval_metrics = evaluate(compiled_eval_step(model), state.params,
+                          data.test, data.pipeline_config, config)
+  writer.write(int(state.step), 'eval', eval_metrics)
+  writer.close()
+  non_finite = (int(dp_transform.dp_state(state.opt_state).total_non_finite)
+                if config.dp else 0)
+  report = privacy_report.make_report(
+      accountant, dp=config.dp, delta=config.delta,
+      l2_norm_clip=config.l2_norm_clip, num_examples=num_examples,
+      expected_batch_size=config.expected_batch_size,
+      privacy_unit=config.privacy_unit,
+      non_finite_examples_dropped=non_finite,
+      target_epsilon=config.target_epsilon, noise_seed_source=noise_source,
+      sampler_seed_source=sampler_source)
+  privacy_report.write_report(report,
+                              os.path.join(workdir, 'privacy_report.json'))
+  return {'eval': eval_metrics, 'privacy': report, 'state': state}
+
+
+def print_progress(step: int, num_steps: int, steps_per_second: float,
+                   epsilon: float | None, values: dict[str, float]) -> None:
+  """One progress line: step, speed, epsilon spent and the task losses."""
+  losses = ' '.join(f'{k.removeprefix("train_loss_")}={v:.3f}'
+                    for k, v in values.items() if k.startswith('train_loss_'))
+  spent = f' eps={epsilon:.3f}' if epsilon is not None else ''
+  print(f'step {step}/{num_steps} {steps_per_second:.2f} steps/s{spent} '
+        f'{losses}', file=sys.stderr, flush=True)
