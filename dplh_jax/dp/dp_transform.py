@@ -114,17 +114,22 @@ def canonicalize_key(key: jax.Array | int) -> jax.Array:
       f'key must be an int seed or a JAX PRNG key, got dtype {key.dtype}.')
 
 
-# The largest clip norm: C / (a norm's mantissa) and a batch's sum of clipped
-# gradients must stay finite in float32 (3.4e38).
+# The clip norm's range: C / (a norm's mantissa) and a batch's sum of
+# clipped gradients must stay finite in float32 (3.4e38), and the noise std
+# sigma * C must stay far above float32's smallest normal number (1.2e-38),
+# below which XLA flushes the noise to zero and releases the exact sum.
 MAX_L2_NORM_CLIP = 1e30
+MIN_NOISE_STD = 1e-30
 
 
 def check_l2_norm_clip(l2_norm_clip: float) -> float:
-  """Returns the clip norm as a float, or raises unless 0 < C <= 1e30."""
+  """Returns the clip norm as a float, or raises unless 1e-30 <= C <= 1e30."""
   l2_norm_clip = _check_positive('l2_norm_clip', l2_norm_clip)
-  if l2_norm_clip > MAX_L2_NORM_CLIP:
-    raise ValueError(f'l2_norm_clip must be <= {MAX_L2_NORM_CLIP:g}, got '
-                     f'{l2_norm_clip}: larger clipped sums overflow float32.')
+  if not MIN_NOISE_STD <= l2_norm_clip <= MAX_L2_NORM_CLIP:
+    raise ValueError(
+        f'l2_norm_clip must be in [{MIN_NOISE_STD:g}, {MAX_L2_NORM_CLIP:g}], '
+        f'got {l2_norm_clip}: outside it float32 sums overflow or the noise '
+        'underflows.')
   return l2_norm_clip
 
 
@@ -322,6 +327,11 @@ def dp_aggregate(
   expected_batch_size = _check_positive(
       'expected_batch_size', expected_batch_size)
   noise_std = noise_multiplier * l2_norm_clip
+  if 0 < noise_std < MIN_NOISE_STD:
+    raise ValueError(
+        f'noise_multiplier * l2_norm_clip = {noise_std:g} < {MIN_NOISE_STD:g}: '
+        'float32 would flush such noise to zero and release the exact sum; '
+        'raise the clip norm.')
   initial_key = canonicalize_key(key)
 
   def init_fn(params):

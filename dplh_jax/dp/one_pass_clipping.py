@@ -282,6 +282,20 @@ _CONSUMERS = {'kernel': frozenset({'dot_general', 'conv_general_dilated'}),
               'bias': frozenset({'add'})}
 
 
+def _passes_through(eqn) -> bool:
+  """Whether ``eqn`` only re-types or re-shapes its input: a float-to-float
+  cast, a reshape that does not permute (``dimensions``), a broadcast."""
+  name = eqn.primitive.name
+  if name not in _PASS_THROUGH:
+    return False
+  if name == 'reshape' and eqn.params.get('dimensions') is not None:
+    return False
+  if name == 'convert_element_type':
+    return all(jnp.issubdtype(v.aval.dtype, jnp.floating)
+               for v in (*eqn.invars, *eqn.outvars))
+  return True
+
+
 def _record_uses(jaxpr, tracked: dict, uses: dict) -> dict:
   """Appends to ``uses[key]`` the primitive of each equation reading a
   tracked variable, following it through pass-through primitives and into
@@ -307,7 +321,7 @@ def _record_uses(jaxpr, tracked: dict, uses: dict) -> dict:
         for inner_out, outer_out in zip(inner.outvars, eqn.outvars):
           if id(inner_out) in flowed:
             tracked[id(outer_out)] = key
-      elif name in _PASS_THROUGH:
+      elif _passes_through(eqn):
         for out in eqn.outvars:
           tracked[id(out)] = key
       else:
@@ -385,7 +399,12 @@ def _probe(loss_fn, params, example, args) -> tuple[dict, dict]:
           f'Parameter {name} is read {len(uses[key])} times, not only by '
           'its layer; one-pass clipping would miss part of its gradient. Use '
           "per_example.clipped_grad_sum (clipping='vmap').")
-    if uses[key] and uses[key][0] not in _CONSUMERS.get(key[-1], ()):
+    if not uses[key]:
+      raise ValueError(
+          f'Parameter {name} is not read by the loss through its params '
+          '(closed-over params?); one-pass clipping could not see its '
+          "gradient. Use per_example.clipped_grad_sum (clipping='vmap').")
+    if uses[key][0] not in _CONSUMERS.get(key[-1], ()):
       raise ValueError(
           f'Parameter {name} reaches its layer through {uses[key][0]}, not '
           'directly; one-pass clipping would differentiate the transformed '

@@ -304,5 +304,13 @@ def test_int_seeds_that_would_collide_are_refused(seed):
 
 
 def test_a_clip_norm_whose_sums_overflow_float32_is_refused():
-  with pytest.raises(ValueError, match='l2_norm_clip must be <= 1e\\+30'):
+  with pytest.raises(ValueError, match='l2_norm_clip must be in'):
     dp_transform.dp_aggregate(1e31, 1.0, 4, key=0)
+
+
+def test_noise_that_float32_would_flush_to_zero_is_refused():
+  """The third reader's case: C = 2e-38, sigma 0.5 released the exact sum."""
+  with pytest.raises(ValueError, match='l2_norm_clip must be in'):
+    dp_transform.dp_aggregate(2e-38, 0.5, 4, key=0)
+  with pytest.raises(ValueError, match='would flush such noise'):
+    dp_transform.dp_aggregate(1e-30, 1e-3, 4, key=0)
