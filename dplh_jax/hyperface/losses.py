@@ -189,7 +189,8 @@ def per_image_loss(params, example: Mapping[str, jax.Array],
     weighting: how task losses combine (``task_weighting``).
 
   Returns:
-    ``(loss, aux)``: the scalar loss and metrics ``{'task_losses': {task:
+    ``(loss, aux)``: the scalar loss and metrics ``{'total_loss': loss,
+    'task_losses': {task:
     loss}, 'task_counts': {task: count}, **weighting metrics}``.
   """
   if rng is None:
@@ -212,5 +213,5 @@ def loss_from_outputs(params, outputs: Mapping[str, jax.Array],
   """
   losses, counts = task_losses(outputs, example)
   loss, weighting_metrics = weighting.combine(params, losses, counts)
-  return loss, {'task_losses': losses, 'task_counts': counts,
-                **weighting_metrics}
+  return loss, {'total_loss': loss, 'task_losses': losses,
+                'task_counts': counts, **weighting_metrics}

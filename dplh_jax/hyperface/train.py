@@ -61,6 +61,7 @@ from dplh_jax.hyperface import checkpoint
 from dplh_jax.hyperface import config_validation
 from dplh_jax.hyperface import data_loading
 from dplh_jax.hyperface import input_pipeline
+from dplh_jax.hyperface import interrupts
 from dplh_jax.hyperface import losses
 from dplh_jax.hyperface import metric_writer
 from dplh_jax.hyperface import metrics as metrics_lib
@@ -171,7 +172,9 @@ def make_train_step(spec: StepSpec):
     # for watching the run, not covered by the privacy guarantee.
     step_metrics = {
         f'train_loss_{task}': value
-        for task, value in mean_over_images(aux['task_losses'], is_real).items()
+        for task, value in mean_over_images(
+            {'total': aux['total_loss'], **aux['task_losses']},
+            is_real).items()
     }
     if 'sigma' in aux:
       step_metrics |= {f'task_sigma_{task}': value[0] for task, value in
@@ -255,12 +258,13 @@ def _train_and_evaluate(config, workdir, data):
   """:func:`train_and_evaluate` with the workdir locked."""
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   try:
-    return _run(config, workdir, data, checkpointer)
+    with interrupts.StopOnSignal() as stop:
+      return _run(config, workdir, data, checkpointer, stop)
   finally:
     checkpointer.close()
 
 
-def _run(config, workdir, data, checkpointer):
+def _run(config, workdir, data, checkpointer, stop):
   config_dict, record = workdir_lib.bind_workdir(config, workdir, checkpointer)
   config_validation.validate_config(config)
   if record is None:
@@ -348,6 +352,7 @@ def _run(config, workdir, data, checkpointer):
       data.train, sampler, data.pipeline_config, seed=config.seed,
       start_step=start, num_steps=plan.num_steps))
   timer_start, timer_steps = time.time(), 0
+  run_start = time.time()
   for step, batch, sampler_state in batches:
     state, step_metrics = train_step(state, batch,
                                      jax.random.fold_in(base_rng, step))
@@ -361,15 +366,20 @@ def _run(config, workdir, data, checkpointer):
       epsilon = accountant.epsilon(config.delta) if config.dp else None
       writer.write(done, 'train', step_metrics | {
           'steps_per_second': rate, 'epsilon': epsilon})
-      print_progress(done, plan.num_steps, rate, epsilon, step_metrics)
+      print_progress(done, plan.num_steps, start, time.time() - run_start,
+                     epsilon, step_metrics)
       timer_start, timer_steps = time.time(), 0
     if (config.eval_every and done % config.eval_every == 0
         and done < plan.num_steps):  # The final evaluation follows the loop.
       writer.write(done, 'eval', evaluate(
           compiled_eval_step(model), state.params, data.test,
           data.pipeline_config, config))
-    if done % config.checkpoint_every == 0 or done == plan.num_steps:
+    if (done % config.checkpoint_every == 0 or done == plan.num_steps
+        or stop.requested):
       checkpointer.save(done, state, checkpoint_record(sampler_state))
+    if stop.requested and done < plan.num_steps:
+      writer.close()
+      raise interrupts.TrainingInterrupted(done, stop.signal_number)
   print(f'Train step compiled {train_step._cache_size()} time(s).',  # pylint: disable=protected-access
         file=sys.stderr)
 
@@ -392,11 +402,23 @@ def _run(config, workdir, data, checkpointer):
   return {'eval': eval_metrics, 'privacy': report, 'state': state}
 
 
-def print_progress(step: int, num_steps: int, steps_per_second: float,
-                   epsilon: float | None, values: dict[str, float]) -> None:
-  """One progress line: step, speed, epsilon spent and the task losses."""
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else (
+      f'{minutes}:{seconds:02d}')
+
+
+def print_progress(step: int, num_steps: int, start_step: int,
+                   elapsed: float, epsilon: float | None,
+                   values: dict[str, float]) -> None:
+  """One progress line: step, elapsed time and ETA, speed, epsilon spent,
+  the total loss and the task losses (train batch, not covered by DP)."""
   losses = ' '.join(f'{k.removeprefix("train_loss_")}={v:.3f}'
                     for k, v in values.items() if k.startswith('train_loss_'))
   spent = f' eps={epsilon:.3f}' if epsilon is not None else ''
-  print(f'step {step}/{num_steps} {steps_per_second:.2f} steps/s{spent} '
-        f'{losses}', file=sys.stderr, flush=True)
+  rate = (step - start_step) / max(elapsed, 1e-9)
+  eta = (num_steps - step) / max(rate, 1e-9)
+  print(f'step {step}/{num_steps} [{_duration(elapsed)} elapsed, ETA '
+        f'{_duration(eta)}, {rate:.2f} steps/s]{spent} {losses}',
+        file=sys.stderr, flush=True)

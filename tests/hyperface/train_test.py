@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -289,6 +290,58 @@ def test_a_second_process_is_refused_a_workdir_in_use(data_dir, tmp_path):
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
 
 
+@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_at_a_step_with_a_checkpoint_and_one_line(
+    data_dir, tmp_path, signal_number):
+  """Preemption (SIGTERM) or Ctrl-C: the step in flight finishes, a
+  checkpoint is written there, one line says how to resume, and re-running
+  the same command finishes the run with every step accounted once."""
+  workdir = str(tmp_path / 'signalled')
+  command = [sys.executable, *MAIN, '--config', TINY_CONFIG_FILE,
+             f'--config.data_dir={data_dir}', '--config.num_epochs=25',
+             '--config.target_epsilon=1000',
+             '--config.checkpoint_every=1000', '--workdir', workdir]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                             env=env)
+  for line in process.stderr:
+    if line.startswith('step 3/100'):
+      process.send_signal(signal_number)
+      break
+  rest = process.stderr.read()
+  assert process.wait(timeout=120) == 128 + signal_number
+  assert 'Traceback' not in rest, rest
+  last = rest.strip().splitlines()[-1]
+  step = int(last.split('interrupted at step ')[1].split(',')[0])
+  assert 3 <= step < 100
+  assert last.endswith('checkpoint saved; re-run the same command to '
+                       'resume.')
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(step)))
+  resumed = subprocess.run(command, capture_output=True, text=True,
+                           timeout=300, env=env, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f'Resumed from step {step}.' in resumed.stderr
+  with open(os.path.join(workdir, 'privacy_report.json')) as f:
+    assert json.load(f)['steps'] == 100
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    steps = [json.loads(l)['step'] for l in f if '"train"' in l]
+  assert steps == list(range(1, 101))
+
+
+def test_progress_lines_show_elapsed_eta_and_the_total_loss(uninterrupted,
+                                                            capsys):
+  workdir, _ = uninterrupted
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    first = json.loads(f.readline())
+  assert first['train_loss_total'] > 0
+  train.print_progress(50, 200, 10, 80.0, 1.5, {'train_loss_total': 2.0,
+                                                'train_loss_gender': 0.5})
+  # (50 - 10) steps in 80 s: 0.5 steps/s, so 150 steps left take 5 min.
+  assert capsys.readouterr().err == (
+      'step 50/200 [1:20 elapsed, ETA 5:00, 0.50 steps/s] eps=1.500 '
+      'total=2.000 gender=0.500\n')
+
+
 @pytest.mark.parametrize('overrides, message', [
     (dict(noise_multiplier=-1.0, target_epsilon=None), 'noise_multiplier'),
     (dict(noise_multiplier=None, target_epsilon=1e-4, accountant='rdp'),
@@ -299,7 +352,7 @@ def test_a_second_process_is_refused_a_workdir_in_use(data_dir, tmp_path):
     (dict(data_dir='/nonexistent/tfds'), 'data_dir'),
     (dict(seed=2**32), r'config.seed=4294967296: must be in \[0, 2\*\*32\)'),
     (dict(noise_seed=-1), 'config.noise_seed=-1'),
-    (dict(l2_norm_clip=1e31), 'l2_norm_clip must be <= 1e\\+30'),
+    (dict(l2_norm_clip=1e31), 'l2_norm_clip must be in'),
 ])
 def test_bad_configs_fail_with_clear_messages(data_dir, tmp_path, overrides,
                                               message):

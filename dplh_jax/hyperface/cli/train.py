@@ -13,10 +13,12 @@ time.
 """
 
 import os
+import sys
 
 from absl import flags
 from ml_collections import config_flags
 
+from dplh_jax.hyperface import interrupts
 from dplh_jax.hyperface import metric_registry
 from dplh_jax.hyperface import train
 from dplh_jax.hyperface.cli import flags_util
@@ -32,10 +34,19 @@ def main(argv):
   flags_util.start(argv, flags.FLAGS.config)
 
   def train_and_report():
-    result = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+    workdir = _WORKDIR.value
+    try:
+      result = train.train_and_evaluate(flags.FLAGS.config, workdir)
+    except interrupts.TrainingInterrupted as stopped:
+      print(stopped, file=sys.stderr)
+      sys.exit(128 + stopped.signal_number)
     print(metric_registry.summary_table(result['eval'], result['privacy']))
-    print('Privacy report: '
-          f'{os.path.join(_WORKDIR.value, "privacy_report.json")}')
+    for what, name in (('privacy report', 'privacy_report.json'),
+                       ('metrics', 'metrics.jsonl'),
+                       ('TensorBoard', 'tensorboard'),
+                       ('checkpoints', 'checkpoints'),
+                       ('config', 'config.json')):
+      print(f'{what}: {os.path.join(workdir, name)}')
 
   flags_util.one_line_errors(train_and_report)
 
