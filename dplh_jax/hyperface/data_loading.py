@@ -14,6 +14,11 @@ import dplh_jax.hyperface.datasets  # pylint: disable=unused-import  (registers 
 from dplh_jax.hyperface import input_pipeline
 
 
+# The face datasets this package registers, with their builder configs.
+DATASETS = ('synthetic_faces', 'aflw')
+DATASET_CONFIGS = ('synthetic_faces/demo', 'synthetic_faces/tiny', 'aflw')
+
+
 @dataclasses.dataclass(frozen=True)
 class Data:
   train: Sequence[dict[str, Any]]
@@ -41,6 +46,11 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   data_dir = config.data_dir or None
   if data_dir is not None and not os.path.isdir(data_dir):
     raise ValueError(f'config.data_dir={config.data_dir!r} does not exist.')
+  name = config.dataset.split('/')[0]
+  if name not in DATASETS:
+    raise ValueError(
+        f'config.dataset={config.dataset!r} is not one of ours: use '
+        f"{', '.join(repr(d) for d in DATASET_CONFIGS)}.")
   builder = tfds.builder(config.dataset, data_dir=data_dir)
   if not builder.is_prepared():
     print(f'Preparing {config.dataset} in {builder.data_dir} ...',

@@ -380,8 +380,10 @@ def _run(config, workdir, data, checkpointer, stop):
     if stop.requested and done < plan.num_steps:
       writer.close()
       raise interrupts.TrainingInterrupted(done, stop.signal_number)
-  print(f'Train step compiled {train_step._cache_size()} time(s).',  # pylint: disable=protected-access
-        file=sys.stderr)
+  compiles = train_step._cache_size()  # pylint: disable=protected-access
+  if compiles > 1:  # One per run is expected; more means shapes changed.
+    print(f'Warning: the train step compiled {compiles} times.',
+          file=sys.stderr)
 
   eval_metrics = evaluate(compiled_eval_step(model), state.params,
                           data.test, data.pipeline_config, config)

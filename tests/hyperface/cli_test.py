@@ -31,3 +31,15 @@ def test_train_without_a_config_names_the_shipped_ones(tmp_path):
   assert out.returncode != 0
   assert 'no config given: pass --config NAME (one of ' in out.stderr
   assert 'tiny' in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_a_config_that_is_neither_a_name_nor_a_file_is_one_line(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'dplh_jax.hyperface.cli.train',
+       '--config', 'defualt', f'--workdir={tmp_path}'], capture_output=True,
+      text=True, cwd=tmp_path, env=os.environ | {'JAX_PLATFORMS': 'cpu'},
+      check=False)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [
+      "error: --config 'defualt' is neither a shipped config ("
+      f"{', '.join(configs.names())}) nor a file."]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -32,9 +33,26 @@ def missing_config_message() -> str:
           f'{", ".join(configs.names())}) or --config path/to/config.py')
 
 
+def _config_values(argv: Sequence[str]) -> list[str]:
+  values = []
+  for flag, value in zip(argv, list(argv[1:]) + ['']):
+    if flag in ('--config', '-config'):
+      values.append(value)
+    elif flag.startswith(('--config=', '-config=')):
+      values.append(flag.split('=', 1)[1])
+  return values
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-  """``absl.app.run(main)`` with shipped config names resolved."""
-  app.run(main, argv=resolve_config_names(sys.argv))
+  """``absl.app.run(main)`` with shipped config names resolved; a config
+  that is neither a shipped name nor a file ends in one line."""
+  argv = resolve_config_names(sys.argv)
+  for value in _config_values(argv):
+    path = value.partition(':')[0]
+    if path and not os.path.isfile(path):
+      sys.exit(f'error: --config {value!r} is neither a shipped config '
+               f'({", ".join(configs.names())}) nor a file.')
+  app.run(main, argv=argv)
 
 
 def start(argv: Sequence[str], config) -> None:
