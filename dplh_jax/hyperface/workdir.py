@@ -17,6 +17,7 @@ import ml_collections
 from dplh_jax.dp import dp_transform
 from dplh_jax.dp import run_binding
 from dplh_jax.hyperface import checkpoint
+from dplh_jax.hyperface import run_info
 
 
 # Config fields a resume may change. Each changes neither what is computed
@@ -46,11 +47,8 @@ def bind_workdir(config: ml_collections.ConfigDict, workdir: str,
   any data is loaded or noise calibrated.
   """
   current = run_binding.normalise(config.to_dict())
-  config_path = os.path.join(workdir, 'config.json')
-  saved = None
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      saved = json.load(f)
+  saved = read_config(workdir)
+  if saved is not None:
     run_binding.check_config_unchanged(saved, current, RESUMABLE_FIELDS)
   if checkpointer.latest_step() is None:
     return current, None  # fresh, or a run that died before its step-0 save
@@ -70,11 +68,27 @@ def bind_workdir(config: ml_collections.ConfigDict, workdir: str,
 
 
 def write_config(config_dict: dict[str, Any], workdir: str) -> None:
+  """``workdir/config.json``: ``{"config": the resolved config (what the
+  workdir is bound to), "run": run_info.run_info() (what it ran on)}``."""
   path = os.path.join(workdir, 'config.json')
   with open(path + '.tmp', 'w') as f:
-    json.dump(config_dict, f, sort_keys=True, indent=2)
+    json.dump({'config': config_dict, 'run': run_info.run_info()}, f,
+              sort_keys=True, indent=2)
     f.write('\n')
   os.replace(path + '.tmp', path)
+
+
+def read_config(workdir: str) -> dict[str, Any] | None:
+  """The config ``workdir/config.json`` binds the workdir to, or None."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    saved = json.load(f)
+  if 'config' not in saved:
+    raise ValueError(f'{path} holds no "config": it was written by an older '
+                     'version; use a new workdir.')
+  return saved['config']
 
 
 def check_resume(record: dict[str, Any], config: ml_collections.ConfigDict,
