@@ -4,7 +4,8 @@ Modules (one concern each): ``dp_transform`` (the optax clip-and-noise
 transform, ``ClippedSum``), ``clip_norms`` (norms that neither underflow nor
 overflow, the clipping rule), ``per_example`` (vmap per-example gradients,
 microbatching), ``one_pass_clipping`` (ghost / book-keeping clipping of Flax
-models; needs flax), ``batch_selection`` (Poisson sampling, padding),
+models; needs flax; ``one_pass_probe`` checks what it can handle),
+``batch_selection`` (Poisson sampling, padding),
 ``accounting`` (dp-accounting on top), ``privacy_plan`` (sigma and steps
 within a budget), ``privacy_report`` (the report and its recomputation),
 ``noise_keys`` (secret keys, seed provenance), ``run_binding`` (a workdir

@@ -39,15 +39,15 @@ in float32 (rows that nearly cancel give ~0 or even a negative value), so
 constants of the two computations. Padding and non-finite examples get scale
 0 and are selected away with ``where`` before the weighted sums.
 
-Not supported (refused or, for the first, documented): a loss that reads a
-layer's kernel or bias outside that layer's own call (tied weights, weight
-penalties) is refused when it reads it more than once; layers inside lifted
-transforms (``nn.scan``, ``nn.remat``...) fail with an error.
+Not supported, and refused with the layer named (``one_pass_probe``): a
+layer parameter read more than once (tied weights, weight penalties), read
+through a custom derivative, transformed on its way to the layer, or a
+Dense / Conv with a custom contraction; layers inside lifted transforms
+(``nn.scan``, ``nn.remat``...) fail with an error.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 from typing import Any, Callable
@@ -59,6 +59,7 @@ import jax.numpy as jnp
 
 from dplh_jax.dp import clip_norms
 from dplh_jax.dp import dp_transform
+from dplh_jax.dp import one_pass_probe
 from dplh_jax.dp import per_example
 
 PyTree = Any
@@ -67,7 +68,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _ROUNDING = 2.0**-23
 # Exactly these types: a subclass may compute something else in __call__, so
 # it is left to ordinary autodiff like any other layer.
-_LAYER_TYPES = (nn.Dense, nn.Conv)
+_LAYER_TYPES = one_pass_probe.LAYER_TYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +252,8 @@ def _tapped_loss(loss_fn, params, example, args, taps):
   adding ``taps[path]`` (if given) to its output.
 
   Returns ``(loss_output, layer_inputs, layer_outputs)``, the last two keyed
-  by the layer's scope path (``_probe`` has refused layers called twice).
+  by the layer's scope path (``one_pass_probe.probe`` has refused layers
+  called twice).
   """
   inputs, outputs_of = {}, {}
 
@@ -269,147 +271,6 @@ def _tapped_loss(loss_fn, params, example, args, taps):
   with nn.intercept_methods(interceptor):
     out = loss_fn(params, example, *args)
   return out, inputs, outputs_of
-
-
-# Primitives that only re-type or re-shape a parameter on its way to its
-# layer's contraction (a dtype cast, the bias's broadcastable reshape).
-_PASS_THROUGH = frozenset({'convert_element_type', 'reshape',
-                           'broadcast_in_dim', 'expand_dims', 'squeeze',
-                           'copy'})
-# What must finally read each parameter for its gradient to be the one
-# rebuilt from the layer's input and output gradient.
-_CONSUMERS = {'kernel': frozenset({'dot_general', 'conv_general_dilated'}),
-              'bias': frozenset({'add'})}
-
-
-def _passes_through(eqn) -> bool:
-  """Whether ``eqn`` only re-types or re-shapes its input: a float-to-float
-  cast, a reshape that does not permute (``dimensions``), a broadcast."""
-  name = eqn.primitive.name
-  if name not in _PASS_THROUGH:
-    return False
-  if name == 'reshape' and eqn.params.get('dimensions') is not None:
-    return False
-  if name == 'convert_element_type':
-    return all(jnp.issubdtype(v.aval.dtype, jnp.floating)
-               for v in (*eqn.invars, *eqn.outvars))
-  return True
-
-
-def _record_uses(jaxpr, tracked: dict, uses: dict) -> dict:
-  """Appends to ``uses[key]`` the primitive of each equation reading a
-  tracked variable, following it through pass-through primitives and into
-  (and out of) nested jaxprs of call-like primitives (jit, remat). A custom
-  derivative (``custom_jvp_call``, ``custom_vjp_call``) is recorded as a use
-  itself: its gradient rule is user code.
-
-  Returns ``tracked`` with the variables the tracked values flowed into.
-  """
-  tracked = dict(tracked)
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    inner = eqn.params.get('jaxpr') or eqn.params.get('call_jaxpr')
-    inner = getattr(inner, 'jaxpr', inner)
-    for position, var in enumerate(eqn.invars):
-      if id(var) not in tracked:
-        continue
-      key = tracked[id(var)]
-      if ('custom' not in name and inner is not None
-          and len(inner.invars) == len(eqn.invars)
-          and len(inner.outvars) == len(eqn.outvars)):
-        flowed = _record_uses(inner, {id(inner.invars[position]): key}, uses)
-        for inner_out, outer_out in zip(inner.outvars, eqn.outvars):
-          if id(inner_out) in flowed:
-            tracked[id(outer_out)] = key
-      elif _passes_through(eqn):
-        for out in eqn.outvars:
-          tracked[id(out)] = key
-      else:
-        uses[key].append(name)
-  return tracked
-
-
-# Attributes that replace the layer's contraction with user code: the kernel
-# gradient would no longer be sum_t a_t delta_t^T.
-_CUSTOM_CONTRACTIONS = {
-    nn.Dense: ('dot_general', 'dot_general_cls'),
-    nn.Conv: ('conv_general_dilated', 'conv_general_dilated_cls'),
-}
-
-
-def _probe(loss_fn, params, example, args) -> tuple[dict, dict]:
-  """The layers one-pass clipping handles, and how the loss reads each
-  parameter; raises ValueError naming what it cannot handle exactly.
-
-  Refused: a layer's kernel or bias read more than once (tied weights, a
-  weight penalty: the other part of its gradient would be missing), read
-  through a custom derivative (its rule, not ``a^T delta``, defines the
-  gradient), transformed on its way to the layer by anything but a cast or
-  a reshape (``lax.stop_gradient``, a scaling: the gradient would be that of
-  the transformed value), or a Dense / Conv with a custom contraction.
-
-  Returns:
-    ``(modules, layer_keys)``: the layers by scope path, and the flat keys of
-    their parameters.
-  """
-  modules = {}
-
-  def record(next_fun, call_args, call_kwargs, context):
-    module = context.module
-    if (context.method_name == '__call__'
-        and type(module) in _LAYER_TYPES):  # pylint: disable=unidiomatic-typecheck
-      path = module.scope.path
-      if path in modules:
-        raise ValueError(f'Layer {"/".join(path)} is called more than once; '
-                         'shared layers are not supported by one-pass '
-                         'clipping.')
-      modules[path] = module
-    return next_fun(*call_args, **call_kwargs)
-
-  flat = traverse_util.flatten_dict(params)
-  keys = sorted(flat)
-
-  def loss_of(leaves):
-    with nn.intercept_methods(record):
-      return loss_fn(traverse_util.unflatten_dict(dict(zip(keys, leaves))),
-                     example, *args)
-
-  jaxpr = jax.make_jaxpr(loss_of)([flat[k] for k in keys]).jaxpr
-  uses = collections.defaultdict(list)
-  _record_uses(jaxpr, {id(v): k for v, k in zip(jaxpr.invars, keys)}, uses)
-  for path, module in modules.items():
-    for attribute in _CUSTOM_CONTRACTIONS[type(module)]:
-      if getattr(module, attribute, None) is not None:
-        raise ValueError(
-            f'Layer {"/".join(path)} ({type(module).__name__}) has a custom '
-            f'{attribute}; one-pass clipping cannot derive its kernel '
-            "gradient. Use per_example.clipped_grad_sum (clipping='vmap').")
-  # ('params', *layer path, 'kernel' | 'bias') belongs to a layer.
-  layer_keys = {key for key in flat if key[1:-1] in modules}
-  for key in sorted(layer_keys):
-    name = '/'.join(key)
-    custom = [use for use in uses[key] if 'custom' in use]
-    if custom:
-      raise ValueError(
-          f'Parameter {name} is read through a custom derivative '
-          f'({custom[0]}); one-pass clipping cannot see its gradient rule. '
-          "Use per_example.clipped_grad_sum (clipping='vmap').")
-    if len(uses[key]) > 1:
-      raise ValueError(
-          f'Parameter {name} is read {len(uses[key])} times, not only by '
-          'its layer; one-pass clipping would miss part of its gradient. Use '
-          "per_example.clipped_grad_sum (clipping='vmap').")
-    if not uses[key]:
-      raise ValueError(
-          f'Parameter {name} is not read by the loss through its params '
-          '(closed-over params?); one-pass clipping could not see its '
-          "gradient. Use per_example.clipped_grad_sum (clipping='vmap').")
-    if uses[key][0] not in _CONSUMERS.get(key[-1], ()):
-      raise ValueError(
-          f'Parameter {name} reaches its layer through {uses[key][0]}, not '
-          'directly; one-pass clipping would differentiate the transformed '
-          "value. Use per_example.clipped_grad_sum (clipping='vmap').")
-  return modules, layer_keys
 
 
 def clipped_grad_sum(
@@ -444,7 +305,8 @@ def clipped_grad_sum(
   def clip_chunk(params, chunk, is_padding_example, *args):
     num_examples = is_padding_example.shape[0]
     first = jax.tree.map(lambda x: x[0], chunk)
-    modules, layer_keys = _probe(loss_and_aux, params, first, args)
+    modules, layer_keys = one_pass_probe.probe(loss_and_aux, params, first,
+                                               args)
     layer_outputs = jax.eval_shape(lambda: _tapped_loss(
         loss_and_aux, params, first, args, None)[2])
     flat_params = traverse_util.flatten_dict(params)

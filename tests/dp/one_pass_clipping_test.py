@@ -255,11 +255,17 @@ def test_unsupported_models_are_refused(net, message):
 
 
 @pytest.mark.parametrize('transform, seen', [
-    (jax.lax.stop_gradient, 'stop_gradient'), (lambda v: 2 * v, 'mul')])
+    # The second reader's cases: freezing or scaling the params before apply
+    # gave 38.8 for a true gradient of 0 and half the true one.
+    (jax.lax.stop_gradient, 'stop_gradient'), (lambda v: 2 * v, 'mul'),
+    # The third reader's: a reshape that permutes (64% off) and an integer
+    # round trip (true gradient 0).
+    (lambda v: jax.lax.reshape(v, v.shape[::-1], dimensions=(1, 0)).reshape(
+        v.shape) if v.ndim == 2 else v, 'reshape'),
+    (lambda v: v.astype(jnp.int32).astype(jnp.float32),
+     'convert_element_type'),
+])
 def test_params_transformed_before_their_layer_are_refused(transform, seen):
-  """The second reader's case: the loss maps the params (freezing them, or
-  scaling them) before apply; one-pass gave 38.8 for a true gradient of 0
-  (stop_gradient) and half the true one (2 W), without an error."""
   net = nn.Dense(4)
   x = jnp.ones((3, 2, 8))
   params = net.init(jax.random.key(0), x[0])
@@ -280,27 +286,6 @@ def test_low_precision_layers_are_still_handled():
   got = one_pass_clipping.clipped_grad_sum(loss, 1.0)(params, x)
   jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-2),
                got.grad_sum, want.grad_sum)
-
-
-@pytest.mark.parametrize('transform, message', [
-    # A reshape that permutes is a transpose (it moved the gradient by 64%).
-    (lambda v: jax.lax.reshape(v, v.shape[::-1], dimensions=(1, 0)).reshape(
-        v.shape) if v.ndim == 2 else v, 'reaches its layer through'),
-    # An integer round trip: the true gradient is 0.
-    (lambda v: v.astype(jnp.int32).astype(jnp.float32),
-     'reaches its layer through'),
-])
-def test_params_that_only_look_passed_through_are_refused(transform,
-                                                          message):
-  """The third reader's cases."""
-  net = nn.Dense(3)
-  x = jnp.ones((2, 2, 3))
-  params = net.init(jax.random.key(0), x[0])
-  clipped = one_pass_clipping.clipped_grad_sum(
-      lambda p, e: jnp.sum(net.apply(jax.tree.map(transform, p), e) ** 2),
-      1.0)
-  with pytest.raises(ValueError, match=message):
-    clipped(params, x)
 
 
 def test_a_loss_that_ignores_its_params_is_refused():
