@@ -1,17 +1,18 @@
 """Binds a workdir to one run: its config, its counters, one process at a time.
 
-A resumed run replays the steps after its last checkpoint with the saved
-noise key and sampler state (docs/DESIGN.md, Privacy rules, rule 5). That is safe only if the
-replay computes exactly what the dead run computed: the same model, clip,
-data, learning rate, seeds and plan. With anything else, the same noise
-would be added to a different update and both would be released. So:
+A resumed run replays the steps after its last checkpoint with the saved noise
+key and sampler state (docs/DESIGN.md, Privacy rules, rule 5). That is safe only
+if the replay computes exactly what the dead run computed: the same model, clip,
+data, learning rate, seeds and plan. With anything else, the same noise would be
+added to a different update and both would be released. So:
 
 * :func:`check_config_unchanged` refuses a resume whose config differs from
   the one the workdir started with, except in fields that change neither
   what is computed nor what is released;
 * :func:`check_counters_agree` refuses a checkpoint whose counters (steps
   accounted, noise draws, sampler draws) disagree with its train step, so a
-  report always counts the steps that were trained (docs/DESIGN.md, Privacy rules, rule 6);
+  report always counts the steps that were trained (docs/DESIGN.md, Privacy
+  rules, rule 6);
 * :class:`WorkdirLock` keeps a second process out of a workdir in use, so
   two processes never train from (and re-release) the same checkpoint.
 

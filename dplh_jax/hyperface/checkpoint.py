@@ -8,14 +8,15 @@ run's whole config (``record['config']``, the record is
 a resume safe:
 
 * the noise key is restored from the state, never re-derived from a seed, so
-  no key used before the checkpoint is used again after it (docs/DESIGN.md, Privacy rules, rule 5);
+  no key used before the checkpoint is used again after it (docs/DESIGN.md,
+  Privacy rules, rule 5);
 * the accountant restored is the one that counted exactly the steps in the
-  restored params, so nothing is counted twice or forgotten (docs/DESIGN.md, Privacy rules, rule 6);
-  ``train`` checks its step count against the train step, the noise draws
-  and the sampler draws, and the record's config against ``config.json``,
-  before resuming, so a record edited inconsistently is refused. (A record
-  edited consistently by someone with write access to the workdir cannot
-  be told apart from a real one: nothing here is signed.)
+  restored params, so nothing is counted twice or forgotten (docs/DESIGN.md,
+  Privacy rules, rule 6); ``train`` checks its step count against the train
+  step, the noise draws and the sampler draws, and the record's config against
+  ``config.json``, before resuming, so a record edited inconsistently is
+  refused. (A record edited consistently by someone with write access to the
+  workdir cannot be told apart from a real one: nothing here is signed.)
 
 ``train`` saves a checkpoint at step 0, before the first step, so there is
 always one to resume from. Steps run after the last checkpoint of a killed

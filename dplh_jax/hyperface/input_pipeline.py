@@ -26,15 +26,15 @@ invisible landmarks are 0. Padding examples are never read from the source:
 their arrays are 0, with detection_label and gender -1 (no label), has_* False,
 so they add zero loss even before the is_padding_example mask is applied.
 
-Randomness never comes from global state: a training image draws its
-proposals and flip from ``default_rng([seed, 1, step, index])``; evaluation
-uses ``default_rng([seed, 2, index])`` and never flips, so it is the same in
-every epoch and every process. Here ``index`` is the image's source index
+Randomness never comes from global state: a training image draws its proposals
+and flip from ``default_rng([seed, 1, step, index])``; evaluation uses
+``default_rng([seed, 2, index])`` and never flips, so it is the same in every
+epoch and every process. Here ``index`` is the image's source index
 (``image_index``), its identity: the randomness of an image depends only on
 that, the step and the seed, never on its slot in the batch or on which other
-images were sampled (docs/DESIGN.md, Privacy rules, rule 8). For the same reason a batch carries no
-slot position: the model's dropout is keyed by ``image_index`` too
-(``losses.per_image_loss``).
+images were sampled (docs/DESIGN.md, Privacy rules, rule 8). For the same reason
+a batch carries no slot position: the model's dropout is keyed by
+``image_index`` too (``losses.per_image_loss``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Per-image HyperFace / DPLH task losses (DPLH Eq. 1-5) and the total loss.
 
-One image is one unit of privacy (docs/DESIGN.md, Privacy rules, rule 1): every function here takes
-the outputs for ONE image's K proposals and that image's targets and returns
-losses for that image, so that ``per_example_grads`` gives one gradient per
-image that covers all its proposals.
+One image is one unit of privacy (docs/DESIGN.md, Privacy rules, rule 1): every
+function here takes the outputs for ONE image's K proposals and that image's
+targets and returns losses for that image, so that ``per_example_grads`` gives
+one gradient per image that covers all its proposals.
 
 Targets of one image (a dict of arrays, K proposals):
 
@@ -167,10 +167,11 @@ def per_image_loss(params, example: Mapping[str, jax.Array],
   """Weighted multi-task loss of ONE image; the function to differentiate.
 
   Feed it to ``per_example_grads`` (after binding ``model`` and ``weighting``
-  with ``functools.partial``): the gradient of this scalar w.r.t. ``params``
-  is the image's per-example gradient, which the DP aggregator then clips and
+  with ``functools.partial``): the gradient of this scalar w.r.t. ``params`` is
+  the image's per-example gradient, which the DP aggregator then clips and
   noises. It contains the gradient of the learned log sigma^2 weights too, so
-  those are clipped and noised with everything else (docs/DESIGN.md, Privacy rules, rule 4).
+  those are clipped and noised with everything else (docs/DESIGN.md, Privacy
+  rules, rule 4).
 
   Args:
     params: HyperFace variables, ``{'params': ...}``.

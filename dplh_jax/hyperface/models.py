@@ -4,11 +4,11 @@ The network follows docs/DESIGN.md, Model: an AlexNet trunk whose conv1 (after
 max1), conv3 and pool5 features are fused (conv1a / conv3a / pool5 ->
 concat -> conv_all 1x1 -> fc_full) and five task heads on top.
 
-Everything here is per example by construction: one image's K proposal crops
-are a ``(K, H, W, 3)`` batch, and no layer mixes the rows of that batch (no
-BatchNorm; the optional GroupNorm normalizes each crop on its own). So the
-model can sit under ``jax.vmap(jax.grad(...))``, where vmap adds the outer
-image axis and each image keeps its own gradient (docs/DESIGN.md, Privacy rules, rule 4).
+Everything here is per example by construction: one image's K proposal crops are
+a ``(K, H, W, 3)`` batch, and no layer mixes the rows of that batch (no
+BatchNorm; the optional GroupNorm normalizes each crop on its own). So the model
+can sit under ``jax.vmap(jax.grad(...))``, where vmap adds the outer image axis
+and each image keeps its own gradient (docs/DESIGN.md, Privacy rules, rule 4).
 
 Small inputs. With the paper's conv1 (kernel 11, stride 4) a 64x64 crop
 collapses to nothing before pool5, so the config also exposes conv1's kernel
@@ -228,11 +228,11 @@ class HyperFace(nn.Module):
     config: architecture hyper-parameters.
     learn_task_weights: if True, the module owns a ``log_sigma_sq`` parameter
       of shape ``(len(TASK_NAMES),)`` (zeros, i.e. sigma = 1) for DPLH's
-      uncertainty weighting (Eq. 7). It lives in the same 'params' collection
-      as the network weights on purpose: the weights are learned from private
-      data, so they must be inside each example's clipped gradient and receive
-      the same Gaussian noise (docs/DESIGN.md, Privacy rules, rule 4). Keeping them outside the
-      per-example gradient would let them learn from unclipped data.
+      uncertainty weighting (Eq. 7). It lives in the same 'params' collection as
+      the network weights on purpose: the weights are learned from private data,
+      so they must be inside each example's clipped gradient and receive the
+      same Gaussian noise (docs/DESIGN.md, Privacy rules, rule 4). Keeping them
+      outside the per-example gradient would let them learn from unclipped data.
   """
 
   config: HyperFaceConfig = HyperFaceConfig()

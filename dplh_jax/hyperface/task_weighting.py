@@ -8,11 +8,11 @@ Two weightings share one interface, ``combine(params, losses, counts) ->
   CVPR 2018), with one learned ``s_i = log sigma_i^2`` per task.
 
 Privacy: the learned ``s_i`` are read from the model's own ``params`` tree
-(``HyperFace(learn_task_weights=True)`` owns them), so their gradient is part
-of each image's per-example gradient and goes through the same clipping and
-the same Gaussian noise as the network weights (docs/DESIGN.md, Privacy rules, rule 4). Never keep
-them in a separate, non-private optimizer state: they are fitted to the
-private task losses.
+(``HyperFace(learn_task_weights=True)`` owns them), so their gradient is part of
+each image's per-example gradient and goes through the same clipping and the
+same Gaussian noise as the network weights (docs/DESIGN.md, Privacy rules, rule
+4). Never keep them in a separate, non-private optimizer state: they are fitted
+to the private task losses.
 """
 
 from __future__ import annotations

@@ -16,20 +16,20 @@ reported. With both, training stops at the last step whose epsilon stays
 within the target. Before the first step the whole remaining plan is checked
 against the target, so a run never passes it.
 
-Workdir and resume. A run holds ``workdir/.lock`` (``flock``) from start to
-end, so a second process into the same workdir is refused at once. A fresh
-workdir is bound to its config: ``config.json`` is written and a checkpoint
-is saved at step 0, before the first step; every checkpoint record holds the
-config too. Re-running in the workdir resumes from the latest checkpoint and
-replays the steps after it with the saved noise key and sampler state, so a
-killed run's steps are reproduced bit for bit, never re-released with other
-noise (docs/DESIGN.md, Privacy rules, rule 5). For that the resume must compute what the dead run
-computed: it is refused, before any data is loaded, if any config field
-differs from the saved one but ``workdir.RESUMABLE_FIELDS`` (log_every,
-checkpoint_every, data_dir), and after restoring if the privacy plan
-differs or the checkpoint's counters disagree (train step = steps accounted
-= noise draws = sampler draws) or its accountant holds another (sigma, q),
-so the report always counts exactly the steps trained (docs/DESIGN.md, Privacy rules, rule 6). Metric
+Workdir and resume. A run holds ``workdir/.lock`` (``flock``) from start to end,
+so a second process into the same workdir is refused at once. A fresh workdir is
+bound to its config: ``config.json`` is written and a checkpoint is saved at
+step 0, before the first step; every checkpoint record holds the config too.
+Re-running in the workdir resumes from the latest checkpoint and replays the
+steps after it with the saved noise key and sampler state, so a killed run's
+steps are reproduced bit for bit, never re-released with other noise
+(docs/DESIGN.md, Privacy rules, rule 5). For that the resume must compute what
+the dead run computed: it is refused, before any data is loaded, if any config
+field differs from the saved one but ``workdir.RESUMABLE_FIELDS`` (log_every,
+checkpoint_every, data_dir), and after restoring if the privacy plan differs or
+the checkpoint's counters disagree (train step = steps accounted = noise draws =
+sampler draws) or its accountant holds another (sigma, q), so the report always
+counts exactly the steps trained (docs/DESIGN.md, Privacy rules, rule 6). Metric
 lines of replayed steps replace the dead run's (``metric_writer``).
 """
 
@@ -258,13 +258,12 @@ def _train_and_evaluate(config, workdir, data):
   """:func:`train_and_evaluate` with the workdir locked."""
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   try:
-    with interrupts.StopOnSignal() as stop:
-      return _run(config, workdir, data, checkpointer, stop)
+    return _run(config, workdir, data, checkpointer)
   finally:
     checkpointer.close()
 
 
-def _run(config, workdir, data, checkpointer, stop):
+def _run(config, workdir, data, checkpointer):
   config_dict, record = workdir_lib.bind_workdir(config, workdir, checkpointer)
   config_validation.validate_config(config)
   if record is None:
@@ -353,33 +352,36 @@ def _run(config, workdir, data, checkpointer, stop):
       start_step=start, num_steps=plan.num_steps))
   timer_start, timer_steps = time.time(), 0
   run_start = time.time()
-  for step, batch, sampler_state in batches:
-    state, step_metrics = train_step(state, batch,
-                                     jax.random.fold_in(base_rng, step))
-    if config.dp:
-      accountant.compose(plan.noise_multiplier, plan.sampling_prob, 1)
-    timer_steps += 1
-    done = step + 1
-    if done % config.log_every == 0 or done == plan.num_steps:
-      step_metrics = _to_python(step_metrics)
-      rate = timer_steps / (time.time() - timer_start)
-      epsilon = accountant.epsilon(config.delta) if config.dp else None
-      writer.write(done, 'train', step_metrics | {
-          'steps_per_second': rate, 'epsilon': epsilon})
-      print_progress(done, plan.num_steps, start, time.time() - run_start,
-                     epsilon, step_metrics)
-      timer_start, timer_steps = time.time(), 0
-    if (config.eval_every and done % config.eval_every == 0
-        and done < plan.num_steps):  # The final evaluation follows the loop.
-      writer.write(done, 'eval', evaluate(
-          compiled_eval_step(model), state.params, data.test,
-          data.pipeline_config, config))
-    if (done % config.checkpoint_every == 0 or done == plan.num_steps
-        or stop.requested):
-      checkpointer.save(done, state, checkpoint_record(sampler_state))
-    if stop.requested and done < plan.num_steps:
-      writer.close()
-      raise interrupts.TrainingInterrupted(done, stop.signal_number)
+  # From here a signal stops the run at the end of the step in flight, with
+  # a checkpoint there; before (data, compilation) it acts as usual.
+  with interrupts.StopOnSignal() as stop:
+    for step, batch, sampler_state in batches:
+      state, step_metrics = train_step(state, batch,
+                                       jax.random.fold_in(base_rng, step))
+      if config.dp:
+        accountant.compose(plan.noise_multiplier, plan.sampling_prob, 1)
+      timer_steps += 1
+      done = step + 1
+      if done % config.log_every == 0 or done == plan.num_steps:
+        step_metrics = _to_python(step_metrics)
+        rate = timer_steps / (time.time() - timer_start)
+        epsilon = accountant.epsilon(config.delta) if config.dp else None
+        writer.write(done, 'train', step_metrics | {
+            'steps_per_second': rate, 'epsilon': epsilon})
+        print_progress(done, plan.num_steps, start, time.time() - run_start,
+                       epsilon, step_metrics)
+        timer_start, timer_steps = time.time(), 0
+      if (config.eval_every and done % config.eval_every == 0
+          and done < plan.num_steps):  # The final evaluation follows the loop.
+        writer.write(done, 'eval', evaluate(
+            compiled_eval_step(model), state.params, data.test,
+            data.pipeline_config, config))
+      if (done % config.checkpoint_every == 0 or done == plan.num_steps
+          or stop.requested):
+        checkpointer.save(done, state, checkpoint_record(sampler_state))
+      if stop.requested and done < plan.num_steps:
+        writer.close()
+        raise interrupts.TrainingInterrupted(done, stop.signal_number)
   compiles = train_step._cache_size()  # pylint: disable=protected-access
   if compiles > 1:  # One per run is expected; more means shapes changed.
     print(f'Warning: the train step compiled {compiles} times.',
