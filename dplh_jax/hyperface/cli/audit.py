@@ -7,7 +7,6 @@ canary audit and loss-threshold membership inference; see
 """
 
 import os
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -46,18 +45,19 @@ _JSON_OUT = flags.DEFINE_string('json_out', None, 'Where the results go; '
 def main(argv):
   flags_util.start(argv, flags.FLAGS.config)
   json_out = _JSON_OUT.value or os.path.join(_WORKDIR.value, 'audit.json')
-  try:
+
+  def audit_and_report():
     results = audit_run.run_audit(
         flags.FLAGS.config, _WORKDIR.value, num_canaries=_NUM_CANARIES.value,
         canary_seed=_CANARY_SEED.value, guess_fraction=_GUESS_FRACTION.value,
         significance=_SIGNIFICANCE.value, num_decoys=_NUM_DECOYS.value,
         num_score_draws=_NUM_SCORE_DRAWS.value,
         num_mia_examples=_NUM_MIA_EXAMPLES.value)
-  except ValueError as error:  # Bad config or flags: say so without a trace.
-    sys.exit(f'error: {error}')
-  audit_run.write_results(results, json_out)
-  print(audit_run.format_summary(results))
-  print(f'Results: {json_out}')
+    audit_run.write_results(results, json_out)
+    print(audit_run.format_summary(results))
+    print(f'Results: {json_out}')
+
+  flags_util.one_line_errors(audit_and_report)
 
 
 def run():

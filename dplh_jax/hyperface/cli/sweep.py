@@ -16,8 +16,6 @@ accuracy / error curves against epoch per budget. These files are small; the
 workdirs (checkpoints) are not.
 """
 
-import sys
-
 from absl import flags
 from ml_collections import config_flags
 
@@ -55,19 +53,20 @@ _SPREAD = flags.DEFINE_enum('spread', 'std', ['std', 'minmax'],
 
 def main(argv):
   flags_util.start(argv, flags.FLAGS.config)
-  try:
+
+  def sweep_and_report():
     runs, curves = sweep_lib.run_sweep(
         flags.FLAGS.config, sweep_lib.parse_epsilons(_EPSILONS.value),
         sweep_lib.parse_seeds(_SEEDS.value), _OUTDIR.value,
         nonprivate=_NONPRIVATE.value, evals_per_epoch=_EVALS_PER_EPOCH.value,
         seeded_noise=_SEEDED_NOISE.value)
-  except ValueError as error:  # Bad flags, config or data: say so, no trace.
-    sys.exit(f'error: {error}')
-  paths = sweep_lib.write_results(
-      runs, curves, _RESULTS_DIR.value or _OUTDIR.value, _SPREAD.value)
-  with open(paths[2]) as f:
-    print(f.read())
-  print('Wrote ' + ', '.join(paths))
+    paths = sweep_lib.write_results(
+        runs, curves, _RESULTS_DIR.value or _OUTDIR.value, _SPREAD.value)
+    with open(paths[2]) as f:
+      print(f.read())
+    print('Wrote ' + ', '.join(paths))
+
+  flags_util.one_line_errors(sweep_and_report)
 
 
 def run():
