@@ -3,13 +3,16 @@
 Pure NumPy/SciPy; the training experiment that produces canary scores and
 losses lives elsewhere.
 
-* ``epsilon_lower_bound``: the delta = 0 bound of Steinke, Nasr and Jagielski
-  (2023), "Privacy auditing with one (1) training run" (docs/DESIGN.md, Auditing).
+* ``epsilon_lower_bound``: the bound of Steinke, Nasr and Jagielski (2023),
+  "Privacy auditing with one (1) training run" (docs/DESIGN.md, Auditing).
   Setup: m canaries, each included in training independently with
   probability 1/2; after the (single) run an auditor guesses "included" or
   "excluded" for r of them (abstaining on the rest) and v guesses are right.
-  If the mechanism is eps-DP, the number of correct guesses is stochastically
-  dominated by Binomial(r, e^eps / (1 + e^eps)) (their Theorem 3, delta = 0).
+  Let B ~ Binomial(r, e^eps / (1 + e^eps)). If the mechanism is eps-DP in
+  each canary, the number of correct guesses is stochastically dominated by
+  B (their main theorem, delta = 0). If it is (eps, delta)-DP, P[>= v correct]
+  <= P[B >= v] + 2 m delta max_{1 <= i <= v} P[v - i <= B < v] / i (the
+  theorem's delta > 0 form, evaluated as in their Appendix D); it needs m.
 * ``guesses_from_scores`` / ``count_correct``: turn per-canary scores (higher
   means "looks included") into the (r, v) the bound needs.
 * ``membership_inference``: loss-threshold attack (lower loss = member), with
@@ -18,7 +21,7 @@ losses lives elsewhere.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from scipy import special, stats
@@ -29,60 +32,106 @@ def _tail(num_guesses: int, num_correct: int, eps: float) -> float:
   return float(stats.binom.sf(num_correct - 1, num_guesses, special.expit(eps)))
 
 
+def _p_value(num_guesses: int, num_correct: int, num_canaries: int,
+             eps: float, delta: float) -> float:
+  """Upper bound on P[>= v correct] under (eps, delta)-DP (the delta > 0 form).
+
+  ``P[B >= v] + 2 m delta max_{1 <= i <= v} P[v - i <= B <= v - 1] / i``,
+  capped at 1, with B ~ Binomial(r, e^eps / (1 + e^eps)); exactly ``_tail``
+  when delta = 0.
+  """
+  tail = _tail(num_guesses, num_correct, eps)
+  if delta == 0.0 or num_correct == 0:
+    return tail
+  # P[v - i <= B <= v - 1] for i = 1..v as a running sum of the pmf from
+  # v - 1 downwards: accurate also where the cdf is within rounding of 1,
+  # which a difference of cdfs is not.
+  pmf = stats.binom.pmf(np.arange(num_correct - 1, -1, -1), num_guesses,
+                        special.expit(eps))
+  window = np.cumsum(pmf) / np.arange(1, num_correct + 1)
+  return min(1.0, tail + 2.0 * num_canaries * delta * float(window.max()))
+
+
 def epsilon_lower_bound(num_guesses: int, num_correct: int, delta: float = 0.0,
-                        significance: float = 0.05) -> float:
+                        significance: float = 0.05,
+                        num_canaries: Optional[int] = None) -> float:
   """One-run audit lower bound on epsilon (Steinke, Nasr, Jagielski 2023).
 
-  Returns the largest eps such that
-  ``P[Binomial(r, e^eps / (1 + e^eps)) >= v] <= significance`` with
-  r = ``num_guesses`` and v = ``num_correct``, or 0.0 if even eps = 0 is not
-  rejected (v not significantly above r / 2). Found by bisection to ~1e-9;
-  the returned value is on the rejected side, so it never overstates.
+  With r = ``num_guesses``, v = ``num_correct``, m = ``num_canaries`` and
+  B ~ Binomial(r, e^eps / (1 + e^eps)), let
 
-  Meaning: for an eps'-DP mechanism (delta = 0) with eps' at most the returned
-  value, the probability over the mechanism's randomness (and the random
-  inclusion of canaries) of producing at least v correct guesses out of r is
-  at most ``significance``. So, with confidence ``1 - significance``, the
-  true epsilon of the audited mechanism is at least the returned value; it is
-  a lower bound on the true epsilon valid for delta = 0 only.
+    p(eps) = P[B >= v]                                         (delta = 0),
+    p(eps) = min(1, P[B >= v]
+                 + 2 m delta max_{1 <= i <= v} P[v - i <= B < v] / i)
+                                                               (delta > 0).
+
+  Returns an eps with ``p(eps) <= significance`` found by bisection to
+  ~1e-9 and kept on that side, so it never overstates; 0.0 if even
+  eps = 0 is not rejected (v not significantly above r / 2).
+
+  Meaning: let the audited mechanism be a function of the m canaries'
+  inclusion bits (the m fair coins; the rest of the data fixed), and let it
+  be (eps', delta)-DP with respect to including or excluding any one canary.
+  Then the probability, over the coins and the mechanism's randomness, of at
+  least v correct guesses among r is at most p(eps') (their main theorem for
+  delta = 0; its delta > 0 form), for any guessing rule with
+  at most r non-abstentions. So, with confidence ``1 - significance``, the
+  mechanism is not (eps, delta)-DP for any eps below the returned value: it
+  lower-bounds the epsilon that goes with this ``delta``. (A mechanism that
+  is (eps', delta)-DP is so for every larger eps' too, so any eps with
+  p(eps) <= significance is a valid bound, even if p is not monotone.)
+
+  The delta term grows with m, not r: canaries the auditor abstains on still
+  count. For a fixed (r, v) the delta > 0 bound is at most the delta = 0
+  bound, and tends to it as m delta -> 0.
 
   Args:
     num_guesses: r, number of canaries guessed on (abstentions excluded).
     num_correct: v, number of correct guesses, 0 <= v <= r.
-    delta: must be 0. The paper's delta > 0 bound is not implemented.
+    delta: the delta of the (eps, delta)-DP claim being audited, in [0, 1).
     significance: false-positive probability of the test, in (0, 1).
+    num_canaries: m, all canaries whose inclusion was randomized (guessed or
+      not), m >= r; required when ``delta > 0``, unused when delta = 0.
 
   Returns:
     The epsilon lower bound (>= 0).
 
   Raises:
-    NotImplementedError: if ``delta > 0``.
-    ValueError: on invalid counts or significance.
+    ValueError: on invalid counts, delta or significance, or ``delta > 0``
+      without ``num_canaries``.
 
   >>> round(epsilon_lower_bound(100, 100), 2)
   3.49
   >>> epsilon_lower_bound(1000, 510)
   0.0
+  >>> round(epsilon_lower_bound(100, 100, delta=1e-5, num_canaries=1000), 2)
+  3.47
   """
-  if delta != 0.0:
-    raise NotImplementedError(
-        'epsilon_lower_bound implements only the delta = 0 bound of Steinke, '
-        'Nasr, Jagielski (2023); their delta > 0 bound is not implemented. '
-        'Pass delta=0 (the bound then lower-bounds epsilon of pure DP).')
   r, v = int(num_guesses), int(num_correct)
   if r != num_guesses or v != num_correct or not 0 <= v <= r:
     raise ValueError(f'need integers 0 <= num_correct <= num_guesses, got '
                      f'{num_correct}, {num_guesses}')
   if not 0.0 < significance < 1.0:
     raise ValueError(f'significance must be in (0, 1), got {significance}')
-  if r == 0 or _tail(r, v, 0.0) > significance:
+  if not 0.0 <= delta < 1.0:
+    raise ValueError(f'delta must be in [0, 1), got {delta}')
+  if delta > 0.0 and num_canaries is None:
+    raise ValueError(f'delta={delta} > 0 needs the number of canaries: pass '
+                     f'num_canaries=m (all randomized canaries, m >= '
+                     f'num_guesses={r})')
+  m = r if num_canaries is None else int(num_canaries)
+  if (num_canaries is not None and m != num_canaries) or m < r:
+    raise ValueError(f'num_canaries must be an integer >= num_guesses={r}, '
+                     f'got {num_canaries}')
+  p_value = lambda eps: _p_value(r, v, m, eps, delta)
+  if r == 0 or p_value(0.0) > significance:
     return 0.0
-  lo, hi = 0.0, 1.0  # invariant: tail(lo) <= significance < tail(hi)
-  while _tail(r, v, hi) <= significance:
+  lo, hi = 0.0, 1.0  # invariant: p(lo) <= significance < p(hi)
+  while p_value(hi) <= significance:
     lo, hi = hi, 2.0 * hi
   while hi - lo > 1e-9:
     mid = 0.5 * (lo + hi)
-    if _tail(r, v, mid) <= significance:
+    if p_value(mid) <= significance:
       lo = mid
     else:
       hi = mid

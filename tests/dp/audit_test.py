@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import special, stats
+from scipy import optimize, special, stats
 
 from dplh_jax.dp import accounting
 from dplh_jax.dp import audit
@@ -47,13 +47,145 @@ def test_zero_near_half_correct():
   assert audit.epsilon_lower_bound(1000, 560) > 0.0
 
 
-def test_delta_positive_not_implemented_and_bad_inputs():
-  with pytest.raises(NotImplementedError, match='delta'):
-    audit.epsilon_lower_bound(100, 100, delta=1e-5)
+def test_bad_inputs():
   with pytest.raises(ValueError):
     audit.epsilon_lower_bound(10, 11)
   with pytest.raises(ValueError):
     audit.epsilon_lower_bound(10, 5, significance=0.0)
+
+
+# ---- delta > 0 (Steinke, Nasr, Jagielski 2023, the delta > 0 form) ----
+
+# (m, r, v, delta, significance) -> bound from Google's jax_privacy, file
+# jax_privacy/auditing.py at commit 8967688c26d46f3b74bfdfe61ef1f984b887abab
+# (github.com/google-deepmind/jax_privacy), computed once with
+#   python -c "import auditing as A; print(A._epsilon_one_run(0.0, m, r, v,
+#              significance, delta))"
+# from a copy of that file. Its root finder stops at xtol 1e-6, hence the
+# tolerance below.
+_JAX_PRIVACY_BOUNDS = [
+    ((1000, 100, 75, 1e-4, 0.05), 0.672984729773335),
+    ((100000, 1510, 1439, 1e-5, 0.05), 2.6758509126062022),
+    ((200, 40, 35, 1e-5, 0.05), 1.1235633970442522),
+    ((1000, 200, 180, 1e-3, 0.05), 1.1341463963537886),
+    ((1000, 1000, 1000, 1e-5, 0.05), 5.782283131572193),
+    ((50, 20, 20, 0.01, 0.1), 0.6662872104289133),
+    ((10000, 500, 400, 1e-6, 0.01), 1.1236269896100004),
+    ((1000, 100, 70, 1e-2, 0.05), 0.0),
+]
+
+
+@pytest.mark.parametrize('case,expected', _JAX_PRIVACY_BOUNDS)
+def test_delta_bound_matches_jax_privacy(case, expected):
+  m, r, v, delta, significance = case
+  bound = audit.epsilon_lower_bound(r, v, delta=delta, num_canaries=m,
+                                    significance=significance)
+  assert bound == pytest.approx(expected, abs=2e-6)
+
+
+def _oracle_p_value(m, r, v, eps, delta):
+  """The delta > 0 p-value, computed another way than ``audit``.
+
+  The law of the number of correct guesses of eps-randomized response on r
+  canaries is built by dynamic programming, one guess at a time (no SciPy
+  binomial), and each window P[v - i <= B < v] is summed afresh.
+  """
+  p = math.exp(eps) / (1.0 + math.exp(eps))
+  law = np.zeros(r + 1)
+  law[0] = 1.0
+  for n in range(1, r + 1):
+    law[1:n + 1] = law[1:n + 1] * (1 - p) + law[:n] * p
+    law[0] *= 1 - p
+  alpha = max([law[v - i:v].sum() / i for i in range(1, v + 1)], default=0.0)
+  return min(1.0, law[v:].sum() + 2 * m * delta * alpha)
+
+
+def _oracle_bound(m, r, v, delta, significance):
+  """Largest eps on a 0.05 grid with p <= significance, refined by brentq."""
+  objective = lambda e: significance - _oracle_p_value(m, r, v, e, delta)
+  rejected = [e for e in np.arange(0.0, 8.0, 0.05) if objective(e) >= 0]
+  if not rejected:
+    return 0.0
+  return optimize.brentq(objective, rejected[-1], rejected[-1] + 0.05,
+                         xtol=1e-10)
+
+
+_SHARED_CASES = [(200, 40, 35, 1e-5, 0.05), (50, 20, 20, 0.01, 0.1),
+                 (1000, 100, 75, 1e-4, 0.05), (150, 150, 120, 1e-3, 0.05),
+                 (100, 60, 50, 1e-2, 0.05), (1000, 100, 70, 1e-2, 0.05)]
+
+
+@pytest.mark.parametrize('case', _SHARED_CASES)
+def test_delta_bound_matches_independent_oracle(case):
+  m, r, v, delta, significance = case
+  bound = audit.epsilon_lower_bound(r, v, delta=delta, num_canaries=m,
+                                    significance=significance)
+  assert bound == pytest.approx(_oracle_bound(*case), abs=1e-7)
+  # On the rejected side of the oracle's test, within 1e-6 of its boundary.
+  if bound > 0:
+    assert _oracle_p_value(m, r, v, bound, delta) <= significance * (1 + 1e-9)
+    assert _oracle_p_value(m, r, v, bound + 1e-6, delta) > significance
+
+
+@pytest.mark.parametrize('r,v', [(100, 100), (500, 400), (40, 35)])
+def test_delta_to_zero_recovers_pure_bound(r, v):
+  pure = audit.epsilon_lower_bound(r, v)
+  for delta in (1e-12, 1e-15, 1e-300):
+    approx = audit.epsilon_lower_bound(r, v, delta=delta, num_canaries=10 * r)
+    assert approx <= pure + 1e-9
+    assert approx == pytest.approx(pure, abs=1e-6)
+  assert audit.epsilon_lower_bound(r, v, delta=1e-5, num_canaries=r) < pure
+
+
+def test_delta_bound_monotone():
+  # More correct guesses -> larger bound.
+  bounds = [audit.epsilon_lower_bound(100, v, delta=1e-4, num_canaries=1000)
+            for v in range(0, 101)]
+  assert all(b2 >= b1 for b1, b2 in zip(bounds, bounds[1:]))
+  assert bounds[-1] > bounds[85] > 0.0
+  # Larger delta, or more canaries at the same (r, v) -> smaller bound.
+  by_delta = [audit.epsilon_lower_bound(200, 180, delta=d, num_canaries=1000)
+              for d in (0.0, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2)]
+  assert all(b2 < b1 for b1, b2 in zip(by_delta, by_delta[1:]))
+  by_m = [audit.epsilon_lower_bound(200, 180, delta=1e-4, num_canaries=m)
+          for m in (200, 1000, 10000, 100000)]
+  assert all(b2 < b1 for b1, b2 in zip(by_m, by_m[1:]))
+
+
+def test_delta_term_is_what_keeps_the_bound_valid():
+  """An (eps, delta)-DP mechanism the delta = 0 bound would wrongly flag.
+
+  Each canary's bit is released exactly with probability delta (flagged as
+  such) and through eps-randomized response otherwise: (eps, delta)-DP per
+  canary. The auditor guesses only on the released bits, all correct. The
+  delta = 0 bound then exceeds eps; the delta > 0 bound, which counts the m
+  chances of a release, does not.
+  """
+  eps, delta, m = 1.0, 0.01, 2000
+  rng = np.random.default_rng(5)
+  included = rng.random(m) < 0.5
+  released = rng.random(m) < delta
+  guesses = np.where(released, np.where(included, 1, -1), 0)
+  r, v = audit.count_correct(guesses, included)
+  assert r == v > 10
+  assert audit.epsilon_lower_bound(r, v) > eps
+  assert audit.epsilon_lower_bound(r, v, delta=delta, num_canaries=m) <= eps
+
+
+def test_delta_bad_arguments():
+  with pytest.raises(ValueError, match='num_canaries'):
+    audit.epsilon_lower_bound(100, 100, delta=1e-5)
+  with pytest.raises(ValueError, match='num_canaries'):
+    audit.epsilon_lower_bound(100, 100, delta=1e-5, num_canaries=99)
+  with pytest.raises(ValueError, match='num_canaries'):
+    audit.epsilon_lower_bound(100, 100, delta=1e-5, num_canaries=150.5)
+  with pytest.raises(ValueError, match='delta'):
+    audit.epsilon_lower_bound(100, 100, delta=-1e-5, num_canaries=1000)
+  with pytest.raises(ValueError, match='delta'):
+    audit.epsilon_lower_bound(100, 100, delta=1.0, num_canaries=1000)
+  # delta = 0 ignores m (the pure bound does not depend on it).
+  assert (audit.epsilon_lower_bound(100, 100, num_canaries=10 ** 6)
+          == audit.epsilon_lower_bound(100, 100))
 
 
 def _randomized_response_bounds(eps, trials, m, rng):
