@@ -143,7 +143,9 @@ def summary_table(runs: Sequence[dict[str, Any]], spread_kind: str = 'std'
   return '\n'.join(lines) + '\n'
 
 
-def _grid(num_panels: int, columns: int = 3):
+def panel_grid(num_panels: int, columns: int = 3):
+  """A figure of ``num_panels`` axes, ``columns`` wide; spare axes hidden."""
+  columns = min(columns, num_panels)
   rows = math.ceil(num_panels / columns)
   fig = mpl_figure.Figure(figsize=(4.2 * columns, 3.3 * rows),
                           layout='constrained')
@@ -172,13 +174,13 @@ def plot_metrics_vs_epsilon(runs: Sequence[dict[str, Any]],
   """
   groups = by_budget(runs)
   dp = {b: g for b, g in groups.items() if b != NONPRIVATE}
-  fig, axes = _grid(len(metrics))
+  fig, axes = panel_grid(len(metrics))
   for ax, metric in zip(axes, metrics):
     xs, means, lows, highs = [], [], [], []
     for group in dp.values():
       pairs = np.array([(r['epsilon'], r[metric.key]) for r in group
-                        if _finite(r.get('epsilon'))
-                        and _finite(r.get(metric.key))]).reshape(-1, 2)
+                        if is_finite(r.get('epsilon'))
+                        and is_finite(r.get(metric.key))]).reshape(-1, 2)
       if not pairs.size:
         continue
       eps, y = pairs[:, 0], pairs[:, 1]
@@ -212,7 +214,8 @@ def plot_metrics_vs_epsilon(runs: Sequence[dict[str, Any]],
   return fig
 
 
-def _finite(value) -> bool:
+def is_finite(value) -> bool:
+  """True for a finite float (a metric's NaN, a missing None: False)."""
   return isinstance(value, float) and math.isfinite(value)
 
 
@@ -233,13 +236,13 @@ def plot_curves(curves: Sequence[dict[str, Any]], kind: str
   metrics = [m for m in METRICS if m.kind == kind]
   groups = by_budget(curves)
   colors = _colors(list(groups))
-  fig, axes = _grid(len(metrics))
+  fig, axes = panel_grid(len(metrics))
   for ax, metric in zip(axes, metrics):
     for budget, group in groups.items():
       by_epoch = collections.defaultdict(list)
       for row in group:
         value = row.get(metric.key)
-        if _finite(value):
+        if is_finite(value):
           by_epoch[row['epoch']].append(value)
       if not by_epoch:
         continue

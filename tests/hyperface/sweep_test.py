@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
 pytestmark = pytest.mark.slow
 EPSILONS = ('1',)  # The notebook's tiny sweep: TINY_EPSILONS, TINY_SEEDS.
 PNGS = ('metrics_vs_epsilon.png', 'curves_accuracy.png', 'curves_error.png')
+NOTEBOOK = os.path.join(ROOT, 'notebooks', 'privacy_utility.ipynb')
 
 
 @pytest.fixture(scope='module')
@@ -82,16 +83,20 @@ def test_notebook_runs_and_skips_finished_runs(sweep):
   data_dir, outdir, _ = sweep
   mtimes = {name: os.path.getmtime(os.path.join(outdir, name, 'metrics.jsonl'))
             for name in os.listdir(outdir) if name.endswith('_seed0')}
-  path = os.path.join(ROOT, 'notebooks', 'privacy_utility.ipynb')
-  notebook = nbformat.read(path, as_version=4)
+  with open(NOTEBOOK, 'rb') as f:
+    committed = f.read()
+  notebook = nbformat.reads(committed.decode(), as_version=4)
+  # No DPLH_WORKDIRS: the notebook plots the tiny sweep's workdirs.
   env = {'DPLH_TINY_SWEEP': '1', 'DPLH_SWEEP_OUTDIR': outdir,
-         'DPLH_DATA_DIR': data_dir, 'JAX_PLATFORMS': 'cpu'}
+         'DPLH_DATA_DIR': data_dir, 'DPLH_WORKDIRS': '',
+         'JAX_PLATFORMS': 'cpu'}
   old = {k: os.environ.get(k) for k in env}
   os.environ.update(env)  # The kernel inherits this process's environment.
   try:
     nbclient.NotebookClient(
         notebook, timeout=300, kernel_name='python3',
-        resources={'metadata': {'path': os.path.dirname(path)}}).execute()
+        resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}}
+    ).execute()
   finally:
     for key, value in old.items():
       if value is None:
@@ -102,12 +107,30 @@ def test_notebook_runs_and_skips_finished_runs(sweep):
   text = ''.join(o.get('text', '') for o in outputs)
   assert text.count('finished earlier, skipped') == 2
   assert 'training in' not in text
-  assert 'Figures: metrics_vs_epsilon, curves_accuracy, curves_error, ' \
-         'accountant' in text
-  assert sum('image/png' in o.get('data', {}) for o in outputs) == 4
+  assert ('Workdirs: nonprivate_seed0 (non-private), eps1_seed0 (epsilon '
+          in text)
+  assert ('Figures: metrics_vs_epsilon, curves_accuracy, curves_error, '
+          'run_train_loss, run_epsilon, run_eval_vs_step, '
+          'run_eval_vs_epsilon, accountant') in text
+  assert sum('image/png' in o.get('data', {}) for o in outputs) == 8
+  with open(NOTEBOOK, 'rb') as f:  # Executed in memory, never saved.
+    assert f.read() == committed
   assert mtimes == {
       name: os.path.getmtime(os.path.join(outdir, name, 'metrics.jsonl'))
       for name in mtimes}
+
+
+def test_the_committed_notebook_reads_without_running_it():
+  # Rendered from the committed sweep results (default settings), so that it
+  # reads on a code host; each figure of the sweep and the accountant shown.
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  outputs = [o for cell in notebook.cells for o in cell.get('outputs', [])]
+  assert all(c.get('execution_count') for c in notebook.cells
+             if c.cell_type == 'code')
+  assert sum('image/png' in o.get('data', {}) for o in outputs) >= 4
+  text = ''.join(o.get('text', '') for o in outputs)
+  assert 'Results from experiments/results/sweep\n' in text
+  assert not any(o.get('output_type') == 'error' for o in outputs)
 
 
 @pytest.mark.parametrize('texts, message', [
