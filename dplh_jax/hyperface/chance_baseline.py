@@ -1,10 +1,16 @@
 """Held-out metrics of constant predictions: what "better than chance" means.
 
-Fits the best constant per task on training images (majority detection and
-gender class, mean landmark positions, per-landmark visibility rate, mean
-pose) and scores it on the test split with the same metrics as training.
+Fits the best constant per task (majority detection and gender class, mean
+landmark positions, per-landmark visibility rate, mean pose) and scores it
+with the same metrics as training. ``dplh-baseline`` fits on training images
+and scores the test split::
 
   dplh-baseline --config default
+
+``train`` prints the constants fitted on the evaluated test images
+themselves beside the run's metrics: the best any constant does on them,
+and computed without reading a training image (docs/DESIGN.md, Metric
+conventions).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import numpy as np
 from dplh_jax.hyperface import data_loading
 from dplh_jax.hyperface import input_pipeline
 from dplh_jax.hyperface import metrics
+
 
 def fit_constants(batches) -> dict[str, np.ndarray]:
   """The best constant per task, from real proposals of training images."""
@@ -45,19 +52,26 @@ def fit_constants(batches) -> dict[str, np.ndarray]:
   }
 
 
-def baseline_metrics(config, num_fit_images: int = 2000) -> dict[str, float]:
-  """Test-split metrics of the best constants fitted on training images."""
-  data = data_loading.load_data(config)
-  fit = range(min(num_fit_images, len(data.train)))
+def constant_metrics(fit_images, test_images, pipeline_config,
+                     config) -> dict[str, float]:
+  """Metrics on ``test_images`` of the best constants on ``fit_images``."""
   constants = fit_constants(input_pipeline.eval_batches(
-      [data.train[i] for i in fit], data.pipeline_config,
-      batch_size=config.eval_batch_size, seed=config.seed))
+      fit_images, pipeline_config, batch_size=config.eval_batch_size,
+      seed=config.seed))
   accumulator = metrics.EvalAccumulator()
   for batch in input_pipeline.eval_batches(
-      data.test, data.pipeline_config, batch_size=config.eval_batch_size,
+      test_images, pipeline_config, batch_size=config.eval_batch_size,
       seed=config.seed):
     shape = batch['detection_label'].shape
     outputs = {task: np.broadcast_to(value, shape + value.shape)
                for task, value in constants.items()}
     accumulator.update(outputs, batch)
   return accumulator.result()
+
+
+def baseline_metrics(config, num_fit_images: int = 2000) -> dict[str, float]:
+  """Test-split metrics of the best constants fitted on training images."""
+  data = data_loading.load_data(config)
+  fit = range(min(num_fit_images, len(data.train)))
+  return constant_metrics([data.train[i] for i in fit], data.test,
+                          data.pipeline_config, config)

@@ -29,30 +29,92 @@ differently-computed version of them.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 from typing import Any
 
 import orbax.checkpoint as ocp
 
 
+class CheckpointNotSaved(OSError):
+  """A checkpoint could not be written; the earlier ones are intact."""
+
+
+def _reason(error: Exception) -> str:
+  """The cause of a failed write in a few words (Orbax wraps some of them
+  in long TensorStore messages)."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror.lower()
+  text = str(error)
+  if 'No space left' in text or 'RESOURCE_EXHAUSTED' in text:
+    return os.strerror(errno.ENOSPC).lower()
+  return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+class _DropOrbaxErrors(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and 'orbax' in record.pathname)
+
+
+@contextlib.contextmanager
+def _orbax_errors_hidden():
+  """Orbax logs each failed write with its traceback from its threads; the
+  save re-raises the failure as one :class:`CheckpointNotSaved` instead."""
+  quiet = _DropOrbaxErrors()
+  logger = logging.getLogger('absl')
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
 class Checkpointer:
-  """Saves and restores ``(train_state, record)`` pairs under a directory."""
+  """Saves and restores ``(train_state, record)`` pairs under a directory.
+
+  Saves are synchronous: ``train`` waits for each one anyway, and a failed
+  background save left Orbax waiting minutes on a barrier at close.
+  """
 
   def __init__(self, directory: str, max_to_keep: int = 2):
+    self._directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             create=True))
+        self._directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=False,
+            # A save that failed half-way (full disk) leaves a temporary
+            # folder; the next run removes it before looking for checkpoints.
+            cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, train_state: Any, record: dict[str, Any]) -> None:
-    """Writes the checkpoint and waits until it is complete on disk."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(train_state),
-        record=ocp.args.JsonSave(record)))
-    self._manager.wait_until_finished()
+    """Writes the checkpoint and waits until it is complete on disk.
+
+    Raises:
+      CheckpointNotSaved: the write failed (full disk, read-only folder); the
+        message names the folder and the latest checkpoint still there.
+    """
+    try:
+      with _orbax_errors_hidden():
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(train_state),
+            record=ocp.args.JsonSave(record)))
+        self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+      self._manager.reload()  # Forget the step that was not written.
+      latest = self.latest_step()
+      kept = ('no earlier checkpoint' if latest is None
+              else f'the step-{latest} checkpoint is intact')
+      raise CheckpointNotSaved(
+          f'could not write the step-{step} checkpoint to {self._directory} '
+          f'({_reason(error)}); {kept}. Free space or make the folder '
+          'writable, then re-run the same command to resume.') from error
 
   def restore(self, train_state_like: Any) -> tuple[Any, dict[str, Any]]:
     """The latest checkpoint, shaped like ``train_state_like``."""

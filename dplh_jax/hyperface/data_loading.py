@@ -12,6 +12,8 @@ import tensorflow_datasets as tfds
 
 import dplh_jax.hyperface.datasets  # pylint: disable=unused-import  (registers builders)
 from dplh_jax.hyperface import input_pipeline
+from dplh_jax.hyperface import writable
+from dplh_jax.hyperface.datasets import aflw
 
 
 # The face datasets this package registers, with their builder configs.
@@ -41,11 +43,27 @@ class _Prefix(Sequence):
     return self._source[index]
 
 
+def _check_preparable(config, builder) -> None:
+  """One line instead of TFDS's traceback when a dataset cannot be built:
+  AFLW's manual files missing, or a data_dir that cannot be written."""
+  root = builder._data_dir_root  # pylint: disable=protected-access
+  if config.dataset == 'aflw':
+    missing = aflw.missing_manual_files(
+        os.path.join(root, 'downloads', 'manual'))
+    if missing:
+      raise ValueError(missing)
+  writable.check_writable_folder(
+      root, 'config.data_dir', f'{config.dataset} is not prepared there; '
+      'pass a writable data_dir, or one where it is prepared')
+
+
 def load_data(config: ml_collections.ConfigDict) -> Data:
   """Prepares (builds if needed) the TFDS dataset and opens random access."""
   data_dir = config.data_dir or None
   if data_dir is not None and not os.path.isdir(data_dir):
-    raise ValueError(f'config.data_dir={config.data_dir!r} does not exist.')
+    raise ValueError(f'config.data_dir={config.data_dir!r} does not exist: '
+                     'create it, or leave data_dir empty for TFDS\'s default '
+                     '(~/tensorflow_datasets).')
   name = config.dataset.split('/')[0]
   if name not in DATASETS:
     raise ValueError(
@@ -53,6 +71,7 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
         f"{', '.join(repr(d) for d in DATASET_CONFIGS)}.")
   builder = tfds.builder(config.dataset, data_dir=data_dir)
   if not builder.is_prepared():
+    _check_preparable(config, builder)
     print(f'Preparing {config.dataset} in {builder.data_dir} ...',
           flush=True)
     builder.download_and_prepare()

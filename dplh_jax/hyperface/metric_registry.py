@@ -42,19 +42,24 @@ def privacy_cell(report: dict[str, Any]) -> str:
           f'q={report["sampling_prob"]:.4g}, steps={report["steps"]}')
 
 
-def summary_table(eval_metrics: dict[str, float],
-                  report: dict[str, Any]) -> str:
-  """A Markdown table of the held-out metrics and the privacy spent.
+def summary_table(eval_metrics: dict[str, float], report: dict[str, Any],
+                  baseline: dict[str, float] | None = None) -> str:
+  """A Markdown table of the held-out metrics and the privacy spent, with
+  the constant predictor's metrics beside them if ``baseline`` is given.
 
-  >>> print(summary_table({m.key: 0.5 for m in METRICS}, {'dp': False}))
-  | metric | value |
-  |---|---|
-  | detection accuracy | 0.500 |
+  >>> print(summary_table({m.key: 0.5 for m in METRICS}, {'dp': False},
+  ...                     {m.key: 0.25 for m in METRICS}))
+  | metric | value | constant predictor |
+  |---|---|---|
+  | detection accuracy | 0.500 | 0.250 |
   ...
-  | privacy | none (non-private) |
+  | privacy | none (non-private) |  |
   """
-  lines = ['| metric | value |', '|---|---|']
-  lines += [f'| {m.label} | {m.fmt.format(eval_metrics[m.key])} |'
-            for m in METRICS]
-  lines.append(f'| privacy | {privacy_cell(report)} |')
+  header = ['metric', 'value'] + (['constant predictor'] if baseline else [])
+  rows = [[m.label, m.fmt.format(eval_metrics[m.key])]
+          + ([m.fmt.format(baseline[m.key])] if baseline else [])
+          for m in METRICS]
+  rows.append(['privacy', privacy_cell(report)] + ([''] if baseline else []))
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
   return '\n'.join(lines)

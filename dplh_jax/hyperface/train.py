@@ -57,6 +57,7 @@ from dplh_jax.dp import privacy_plan
 from dplh_jax.dp import privacy_report
 from dplh_jax.dp import run_binding
 from dplh_jax.dp.batch_selection import PoissonSampler
+from dplh_jax.hyperface import chance_baseline
 from dplh_jax.hyperface import checkpoint
 from dplh_jax.hyperface import config_validation
 from dplh_jax.hyperface import data_loading
@@ -66,6 +67,7 @@ from dplh_jax.hyperface import losses
 from dplh_jax.hyperface import metric_writer
 from dplh_jax.hyperface import metrics as metrics_lib
 from dplh_jax.hyperface import model_setup
+from dplh_jax.hyperface import progress as progress_lib
 from dplh_jax.hyperface import models
 from dplh_jax.hyperface import workdir as workdir_lib
 
@@ -205,14 +207,20 @@ def make_eval_step(model: models.HyperFace):
   return functools.partial(models.apply_to_images, model)
 
 
+def eval_images(source, config) -> Any:
+  """The held-out images evaluated: the first ``num_eval_examples``."""
+  limit = config.num_eval_examples
+  if limit > 0:
+    return [source[i] for i in range(min(limit, len(source)))]
+  return source
+
+
 def evaluate(eval_step, params, source, pipeline_config, config) -> dict:
   """Held-out metrics over the first ``num_eval_examples`` test images."""
   accumulator = metrics_lib.EvalAccumulator()
-  limit = config.num_eval_examples
-  if limit > 0:
-    source = [source[i] for i in range(min(limit, len(source)))]
   for batch in input_pipeline.prefetch(input_pipeline.eval_batches(
-      source, pipeline_config, batch_size=config.eval_batch_size,
+      eval_images(source, config), pipeline_config,
+      batch_size=config.eval_batch_size,
       seed=config.seed)):
     outputs = jax.device_get(eval_step(params, batch['crops']))
     accumulator.update(outputs, batch)
@@ -244,12 +252,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     ``{'eval': held-out metrics, 'privacy': the privacy report, 'state':
-    the final TrainState}``.
+    the final TrainState, 'baseline': the held-out metrics of the best
+    constant predictions (``chance_baseline.constant_metrics``)}``.
 
   Raises:
-    ValueError: a bad config or data, a resume the workdir's binding refuses,
-      or (``run_binding.WorkdirInUseError``) a workdir in use.
+    ValueError: a bad config or data, a workdir that is a file or not
+      writable, a resume the workdir's binding refuses, or
+      (``run_binding.WorkdirInUseError``) a workdir in use.
+    checkpoint.CheckpointNotSaved: a checkpoint could not be written (full
+      disk, read-only folder); the run stops at once, the earlier
+      checkpoints intact.
   """
+  workdir_lib.check_workdir_writable(workdir)
   with run_binding.WorkdirLock(workdir):
     return _train_and_evaluate(config, workdir, data)
 
@@ -351,7 +365,7 @@ def _run(config, workdir, data, checkpointer):
       data.train, sampler, data.pipeline_config, seed=config.seed,
       start_step=start, num_steps=plan.num_steps))
   timer_start, timer_steps = time.time(), 0
-  run_start = time.time()
+  progress = progress_lib.Progress(plan.num_steps, start)
   # From here a signal stops the run at the end of the step in flight, with
   # a checkpoint there; before (data, compilation) it acts as usual.
   with interrupts.StopOnSignal() as stop:
@@ -362,14 +376,14 @@ def _run(config, workdir, data, checkpointer):
         accountant.compose(plan.noise_multiplier, plan.sampling_prob, 1)
       timer_steps += 1
       done = step + 1
+      progress.step_done(done)
       if done % config.log_every == 0 or done == plan.num_steps:
         step_metrics = _to_python(step_metrics)
         rate = timer_steps / (time.time() - timer_start)
         epsilon = accountant.epsilon(config.delta) if config.dp else None
         writer.write(done, 'train', step_metrics | {
             'steps_per_second': rate, 'epsilon': epsilon})
-        print_progress(done, plan.num_steps, start, time.time() - run_start,
-                       epsilon, step_metrics)
+        progress.print(done, epsilon, step_metrics)
         timer_start, timer_steps = time.time(), 0
       if (config.eval_every and done % config.eval_every == 0
           and done < plan.num_steps):  # The final evaluation follows the loop.
@@ -378,7 +392,11 @@ def _run(config, workdir, data, checkpointer):
             data.pipeline_config, config))
       if (done % config.checkpoint_every == 0 or done == plan.num_steps
           or stop.requested):
-        checkpointer.save(done, state, checkpoint_record(sampler_state))
+        try:
+          checkpointer.save(done, state, checkpoint_record(sampler_state))
+        except checkpoint.CheckpointNotSaved:
+          writer.close()  # A resume replaces the lines after its checkpoint.
+          raise
       if stop.requested and done < plan.num_steps:
         writer.close()
         raise interrupts.TrainingInterrupted(done, stop.signal_number)
@@ -391,6 +409,11 @@ def _run(config, workdir, data, checkpointer):
                           data.test, data.pipeline_config, config)
   writer.write(int(state.step), 'eval', eval_metrics)
   writer.close()
+  # Fitted on the evaluated images themselves, not on training images: the
+  # baseline printed beside the metrics reads no private data.
+  test_images = eval_images(data.test, config)
+  baseline = chance_baseline.constant_metrics(
+      test_images, test_images, data.pipeline_config, config)
   non_finite = (int(dp_transform.dp_state(state.opt_state).total_non_finite)
                 if config.dp else 0)
   report = privacy_report.make_report(
@@ -403,26 +426,5 @@ def _run(config, workdir, data, checkpointer):
       sampler_seed_source=sampler_source)
   privacy_report.write_report(report,
                               os.path.join(workdir, 'privacy_report.json'))
-  return {'eval': eval_metrics, 'privacy': report, 'state': state}
-
-
-def _duration(seconds: float) -> str:
-  minutes, seconds = divmod(int(round(seconds)), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else (
-      f'{minutes}:{seconds:02d}')
-
-
-def print_progress(step: int, num_steps: int, start_step: int,
-                   elapsed: float, epsilon: float | None,
-                   values: dict[str, float]) -> None:
-  """One progress line: step, elapsed time and ETA, speed, epsilon spent,
-  the total loss and the task losses (train batch, not covered by DP)."""
-  losses = ' '.join(f'{k.removeprefix("train_loss_")}={v:.3f}'
-                    for k, v in values.items() if k.startswith('train_loss_'))
-  spent = f' eps={epsilon:.3f}' if epsilon is not None else ''
-  rate = (step - start_step) / max(elapsed, 1e-9)
-  eta = (num_steps - step) / max(rate, 1e-9)
-  print(f'step {step}/{num_steps} [{_duration(elapsed)} elapsed, ETA '
-        f'{_duration(eta)}, {rate:.2f} steps/s]{spent} {losses}',
-        file=sys.stderr, flush=True)
+  return {'eval': eval_metrics, 'privacy': report, 'state': state,
+          'baseline': baseline}

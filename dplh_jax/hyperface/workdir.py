@@ -18,6 +18,7 @@ from dplh_jax.dp import dp_transform
 from dplh_jax.dp import run_binding
 from dplh_jax.hyperface import checkpoint
 from dplh_jax.hyperface import run_info
+from dplh_jax.hyperface import writable
 
 
 # Config fields a resume may change. Each changes neither what is computed
@@ -35,6 +36,16 @@ from dplh_jax.hyperface import run_info
 # NOT here: they change which evaluations of the params are released, and on
 # what, so a resume must not change them either.
 RESUMABLE_FIELDS = frozenset({'log_every', 'checkpoint_every', 'data_dir'})
+
+
+def check_workdir_writable(workdir: str) -> None:
+  """The workdir and the folders a run writes into it are writable."""
+  fix = 'pass a folder you can write to (a new one, or the run to resume)'
+  writable.check_writable_folder(workdir, 'workdir', fix)
+  for folder in ('checkpoints', 'tensorboard'):
+    if os.path.isdir(os.path.join(workdir, folder)):
+      writable.check_writable_folder(os.path.join(workdir, folder),
+                                     'workdir folder', fix)
 
 
 def bind_workdir(config: ml_collections.ConfigDict, workdir: str,

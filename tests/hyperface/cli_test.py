@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from dplh_jax.hyperface import configs
+from dplh_jax.hyperface.configs import tiny as configs_tiny
 from dplh_jax.hyperface.cli import flags_util
 
 
@@ -43,3 +46,49 @@ def test_a_config_that_is_neither_a_name_nor_a_file_is_one_line(tmp_path):
   assert out.stderr.strip().splitlines() == [
       "error: --config 'defualt' is neither a shipped config ("
       f"{', '.join(configs.names())}) nor a file."]
+
+
+def _train(tmp_path, *args):
+  return subprocess.run(
+      [sys.executable, '-m', 'dplh_jax.hyperface.cli.train', '--config',
+       'tiny', f'--workdir={tmp_path}', *args], capture_output=True,
+      text=True, cwd=tmp_path, env=os.environ | {'JAX_PLATFORMS': 'cpu'},
+      check=False)
+
+
+def test_an_unknown_config_field_is_one_line_with_the_suggestion(tmp_path):
+  out = _train(tmp_path, '--config.nois_multiplier=1')
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [
+      "error: --config.nois_multiplier: the config has no field "
+      "'nois_multiplier'. Did you mean \"noise_multiplier\" instead of "
+      "\"nois_multiplier\"?"]
+
+
+def test_none_overrides_reach_the_config(tmp_path):
+  # Both set to None: the config check then names them, so both arrived.
+  out = _train(tmp_path, '--config.target_epsilon=None',
+               '--config.noise_multiplier=none')
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [
+      'error: config.target_epsilon=None: give target_epsilon or '
+      'noise_multiplier for DP.']
+
+
+def test_only_optional_fields_take_none():
+  argv, fields = flags_util.split_none_overrides(
+      ['prog', '--config.target_epsilon=None', '--config.seed=3',
+       '--workdir=None'])
+  assert argv == ['prog', '--config.seed=3', '--workdir=None']
+  assert fields == ['target_epsilon']
+  config = configs_tiny.get_config()
+  config.lock()
+  flags_util.set_to_none(config, fields)
+  assert config.target_epsilon is None
+  with pytest.raises(ValueError, match=(
+      '--config.learning_rate=None: learning_rate is not optional; None is '
+      'taken by microbatch_size, noise_multiplier, noise_seed, sampler_seed, '
+      'target_epsilon')):
+    flags_util.set_to_none(config, ['learning_rate'])
+  with pytest.raises(ValueError, match='lr is not a config field'):
+    flags_util.set_to_none(config, ['lr'])

@@ -40,3 +40,13 @@ def test_summary_table_formats_each_metric_and_the_privacy_spent():
   assert lines[-1] == ('| privacy | epsilon=4.996, delta=1e-05 (pld), '
                        'sigma=0.654, q=0.0128, steps=391 |')
   assert {m.kind for m in metric_registry.METRICS} == {'accuracy', 'error'}
+
+
+def test_summary_table_puts_the_constant_predictor_beside_each_metric():
+  values = {m.key: 0.5 for m in metric_registry.METRICS}
+  baseline = {m.key: 0.25 for m in metric_registry.METRICS}
+  lines = metric_registry.summary_table(values, {'dp': False},
+                                        baseline).splitlines()
+  assert lines[0] == '| metric | value | constant predictor |'
+  assert '| gender accuracy | 0.500 | 0.250 |' in lines
+  assert lines[-1].startswith('| privacy | none (non-private) |')

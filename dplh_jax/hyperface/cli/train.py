@@ -40,7 +40,8 @@ def main(argv):
     except interrupts.TrainingInterrupted as stopped:
       print(stopped, file=sys.stderr)
       sys.exit(128 + stopped.signal_number)
-    print(metric_registry.summary_table(result['eval'], result['privacy']))
+    print(metric_registry.summary_table(result['eval'], result['privacy'],
+                                        result['baseline']))
     for what, name in (('privacy report', 'privacy_report.json'),
                        ('metrics', 'metrics.jsonl'),
                        ('TensorBoard', 'tensorboard'),

@@ -56,6 +56,25 @@ def _find_sqlite(manual_dir: epath.Path) -> epath.Path:
                           f'{_INSTRUCTIONS}')
 
 
+def missing_manual_files(manual_dir: str) -> str | None:
+  """What is missing for preparing AFLW from ``manual_dir``, in one line
+  saying which files go where, or None if aflw.sqlite and flickr/ are there.
+  """
+  manual = epath.Path(manual_dir)
+  try:
+    sqlite_path = _find_sqlite(manual)
+  except FileNotFoundError:
+    return (f'AFLW is not prepared and {manual}/aflw.sqlite is missing: put '
+            f'aflw.sqlite at {manual}/aflw.sqlite and the images under '
+            f'{manual}/flickr/ (e.g. flickr/0/image00002.jpg); AFLW is '
+            'requested from its authors (docs/DESIGN.md, Data formats).')
+  if not (sqlite_path.parent / 'flickr').is_dir():
+    return (f'AFLW is not prepared and {sqlite_path.parent}/flickr/ is '
+            f'missing: put the images under {sqlite_path.parent}/flickr/ '
+            '(e.g. flickr/0/image00002.jpg), beside aflw.sqlite.')
+  return None
+
+
 def _split_of(filepath: str) -> str:
   bucket = zlib.crc32(filepath.encode('utf-8')) % 100
   return 'train' if bucket < _TRAIN_PERCENT else 'test'
