@@ -106,7 +106,13 @@ class Checkpointer:
             state=ocp.args.StandardSave(train_state),
             record=ocp.args.JsonSave(record)))
         self._manager.wait_until_finished()
-    except Exception as error:  # pylint: disable=broad-except
+    except (OSError, ValueError) as error:
+      # Orbax raises a write failure as OSError, or as ValueError holding
+      # TensorStore's status; any other error is not the disk's, so it is
+      # left as it is.
+      if not isinstance(error, OSError) and 'RESOURCE_EXHAUSTED' not in str(
+          error) and 'Failed writing' not in str(error):
+        raise
       self._manager.reload()  # Forget the step that was not written.
       latest = self.latest_step()
       kept = ('no earlier checkpoint' if latest is None

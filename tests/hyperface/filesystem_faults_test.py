@@ -133,3 +133,12 @@ def test_a_full_disk_stops_at_the_failed_save_and_the_run_resumes(data_dir,
     assert steps == [1, 2, 3, 4]  # the dead run's steps 3, 4 replaced
   finally:
     subprocess.run(['umount', str(disk)], check=True)
+
+
+def test_a_save_error_that_is_not_the_disk_is_not_blamed_on_it(tmp_path):
+  saver = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+  try:
+    with pytest.raises(TypeError):  # not CheckpointNotSaved's disk advice
+      saver.save(0, {'x': 1}, {'not json': object()})
+  finally:
+    saver.close()
