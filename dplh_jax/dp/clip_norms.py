@@ -131,18 +131,54 @@ def combine_norms(parts: Sequence[ScaledNorm]) -> ScaledNorm:
   return normalized(jnp.sqrt(sum_sq), top)
 
 
+# The clip norm's range: C / (a norm's mantissa) and a batch's sum of
+# clipped gradients must stay finite in float32 (3.4e38), and the noise std
+# sigma * C must stay far above float32's smallest normal number (1.2e-38),
+# below which XLA flushes the noise to zero and releases the exact sum.
+MAX_L2_NORM_CLIP = 1e30
+MIN_NOISE_STD = 1e-30
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> float:
+  """Returns ``value`` as a float, or raises unless finite and > 0 (>= 0)."""
+  value = float(value)
+  if not (value >= 0 if allow_zero else value > 0) or value == float('inf'):
+    bound = '>= 0' if allow_zero else '> 0'
+    raise ValueError(f'{name} must be finite and {bound}, got {value}.')
+  return value
+
+
+def check_l2_norm_clip(l2_norm_clip: float, name: str = 'l2_norm_clip'
+                       ) -> float:
+  """Returns the clip norm as a float, or raises unless 1e-30 <= C <= 1e30."""
+  l2_norm_clip = check_positive(name, l2_norm_clip)
+  if not MIN_NOISE_STD <= l2_norm_clip <= MAX_L2_NORM_CLIP:
+    raise ValueError(
+        f'{name} must be in [{MIN_NOISE_STD:g}, {MAX_L2_NORM_CLIP:g}], '
+        f'got {l2_norm_clip}: outside it float32 sums overflow or the noise '
+        'underflows.')
+  return l2_norm_clip
+
+
 @dataclasses.dataclass(frozen=True)
 class ClipFactors:
-  """Per-example clip scales and the counts a ``ClippedSum`` reports.
+  """Per-example clip scales of one group of parameters, and its decisions.
 
   Attributes:
-    norms: ``(n,)`` :class:`ScaledNorm` of each example's whole gradient (an
-      upper bound where a path cannot compute it exactly).
-    keep: ``(n,)`` bool: real examples with a finite gradient.
+    norms: ``(n,)`` :class:`ScaledNorm` of each example's gradient restricted
+      to the group (the whole gradient with one group; an upper bound where a
+      path cannot compute it exactly).
+    keep: ``(n,)`` bool: real examples whose gradient is finite in every
+      group (shared by all groups, so a NaN anywhere zeroes the example
+      everywhere).
     is_real: ``(n,)`` bool: not padding.
     is_finite: ``(n,)`` bool.
-    clipped: ``(n,)`` bool: kept examples whose norm exceeded ``C``.
-    l2_norm_clip: ``C``.
+    clipped: ``(n,)`` bool: kept examples whose group norm exceeded ``C``.
+    l2_norm_clip: ``C`` of the group: a Python float, or a float32 scalar
+      array (adaptive clipping reads it from the transform's state).
+    normalize: if True the scales are ``min(1/C, 1/norm)``, so what is added
+      is in units of ``C`` (its norm is at most 1 whatever ``C`` is); used by
+      adaptive clipping, whose ``C`` is only known at run time.
   """
 
   norms: ScaledNorm
@@ -150,25 +186,37 @@ class ClipFactors:
   is_real: jax.Array
   is_finite: jax.Array
   clipped: jax.Array
-  l2_norm_clip: float
+  l2_norm_clip: float | jax.Array
+  normalize: bool = False
 
   def scale_times_pow2(self, exponent: jax.Array | int) -> jax.Array:
     """``(n,)`` float32 ``min(1, C / norm_i) * 2**exponent_i``; 0 where not kept.
 
     The factor for values stored as ``value * 2**-exponent``: it stays in
-    float32 range when ``min(1, C / norm)`` alone would not.
+    float32 range when ``min(1, C / norm)`` alone would not. With
+    ``normalize``, ``min(1/C, 1/norm_i) * 2**exponent_i``.
     """
     mantissa, top = self.norms
     safe = jnp.where(self.clipped, mantissa, 1.0)
-    factor = jnp.where(self.clipped,
-                       times_pow2(self.l2_norm_clip / safe, exponent - top),
-                       times_pow2(jnp.ones_like(mantissa), exponent))
+    if self.normalize:
+      # 1/norm = (1/mantissa) * 2**-top, 1/mantissa in (1, 2]; 1/C is a
+      # normal float32 for C in [1e-30, 1e30].
+      inverse_clip = 1.0 / jnp.asarray(self.l2_norm_clip, jnp.float32)
+      factor = jnp.where(self.clipped,
+                         times_pow2(1.0 / safe, exponent - top),
+                         times_pow2(jnp.broadcast_to(inverse_clip,
+                                                     mantissa.shape),
+                                    exponent))
+    else:
+      factor = jnp.where(self.clipped,
+                         times_pow2(self.l2_norm_clip / safe, exponent - top),
+                         times_pow2(jnp.ones_like(mantissa), exponent))
     return jnp.where(self.keep, factor, 0.0)
 
   @property
   def scale(self) -> jax.Array:
-    """``(n,)`` ``min(1, C / norm_i)`` (0 where not kept, or where it
-    underflows float32)."""
+    """``(n,)`` ``min(1, C / norm_i)`` (``min(1/C, 1/norm_i)`` with
+    ``normalize``; 0 where not kept, or where it underflows float32)."""
     return self.scale_times_pow2(0)
 
   def weighted_sum(self, per_example: jax.Array,
@@ -186,13 +234,48 @@ class ClipFactors:
     return jnp.sum(factor * selected, axis=0)
 
 
-def clip_factors(norms: ScaledNorm, is_finite: jax.Array, is_real: jax.Array,
-                 l2_norm_clip: float) -> ClipFactors:
-  """The clipping rule: scale ``min(1, C / norm)``, 0 for padding and NaN/Inf.
+def group_clip_factors(
+    group_norms: Sequence[ScaledNorm], is_finite: jax.Array,
+    is_real: jax.Array, l2_norm_clips: Sequence[float | jax.Array],
+    normalize: bool = False) -> tuple[ClipFactors, ...]:
+  """The clipping rule per group: scale ``min(1, C_g / norm_g)``; 0 for
+  padding and for an example with a NaN/Inf anywhere (in every group).
 
   Every path that clips (``dp_transform.clip_and_sum`` and
-  ``one_pass_clipping``) goes through this function, so they agree on
-  padding, non-finite values and extreme magnitudes.
+  ``one_pass_clipping``, through ``clip_plan``) goes through this function,
+  so they agree on padding, non-finite values and extreme magnitudes.
+  Example ``i``'s contribution restricted to group ``g`` then has norm at most
+  ``C_g`` (up to float32 rounding, relative ~1e-7), so its whole contribution
+  has norm at most ``sqrt(sum_g C_g**2)``.
+
+  Args:
+    group_norms: per group, ``(n,)`` norms (upper bounds) of the per-example
+      gradients restricted to the group.
+    is_finite: ``(n,)`` bool, False where the gradient has a NaN/Inf entry.
+    is_real: ``(n,)`` bool, False for padding.
+    l2_norm_clips: per group, ``C_g`` > 0 (checked by the caller).
+    normalize: see :class:`ClipFactors`.
+  """
+  keep = is_real & is_finite
+  for norms in group_norms:
+    keep = keep & jnp.isfinite(norms.mantissa)
+  return tuple(
+      ClipFactors(norms, keep, is_real, is_finite,
+                  keep & _exceeds(norms, clip), clip, normalize)
+      for norms, clip in zip(group_norms, l2_norm_clips, strict=True))
+
+
+def _exceeds(norms: ScaledNorm, l2_norm_clip: float | jax.Array) -> jax.Array:
+  # norm > C  <=>  mantissa > C * 2**-exponent (exact: a power of two; 0 or
+  # inf when the norm is far outside C's range, which decides correctly).
+  return norms.mantissa > times_pow2(jnp.asarray(l2_norm_clip, jnp.float32),
+                                     -norms.exponent)
+
+
+def clip_factors(norms: ScaledNorm, is_finite: jax.Array, is_real: jax.Array,
+                 l2_norm_clip: float) -> ClipFactors:
+  """The clipping rule with one group: scale ``min(1, C / norm)``, 0 for
+  padding and NaN/Inf (:func:`group_clip_factors`).
 
   Args:
     norms: ``(n,)`` norms (upper bounds) of the per-example gradients.
@@ -200,10 +283,4 @@ def clip_factors(norms: ScaledNorm, is_finite: jax.Array, is_real: jax.Array,
     is_real: ``(n,)`` bool, False for padding.
     l2_norm_clip: ``C`` > 0.
   """
-  keep = is_real & is_finite & jnp.isfinite(norms.mantissa)
-  # norm > C  <=>  mantissa > C * 2**-exponent (exact: a power of two; 0 or
-  # inf when the norm is far outside C's range, which decides correctly).
-  over = norms.mantissa > times_pow2(jnp.float32(l2_norm_clip),
-                                     -norms.exponent)
-  return ClipFactors(norms, keep, is_real, is_finite, keep & over,
-                     l2_norm_clip)
+  return group_clip_factors([norms], is_finite, is_real, [l2_norm_clip])[0]

@@ -11,7 +11,10 @@ example is one image with all its proposals). ``dp_aggregate`` computes::
 
 where the norm is the global L2 norm over every leaf of the gradient pytree.
 Adding or removing one example changes ``clipped_sum`` by at most ``C`` in L2
-norm, so each call is a Gaussian mechanism with noise multiplier ``sigma``. If
+norm, so each call is a Gaussian mechanism with noise multiplier ``sigma``.
+With per-group clip norms (``group_clipping.GroupClipNorms``) each group is
+clipped to its ``C_g`` and ``C`` above is ``sqrt(sum_g C_g**2)``; adaptive
+clipping is ``adaptive_clipping.dp_aggregate_adaptive``. If
 the batch was drawn by Poisson sampling with rate ``q`` (each example included
 independently), each call is a Poisson-subsampled Gaussian mechanism, and
 ``T`` calls compose as ``SelfComposedDpEvent(PoissonSampledDpEvent(q,
@@ -21,8 +24,6 @@ dividing by the realized batch size, reusing a noise key) breaks the
 assumption.
 """
 
-import dataclasses
-import functools
 import numbers
 from typing import Any, NamedTuple
 
@@ -32,38 +33,19 @@ import numpy as np
 import optax
 
 from dplh_jax.dp import clip_norms
+from dplh_jax.dp import clip_plan
+from dplh_jax.dp import clipped_sum
+from dplh_jax.dp import group_clipping
 
 PyTree = Any
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=['grad_sum', 'num_examples', 'num_clipped', 'num_non_finite'],
-    meta_fields=['l2_norm_clip'])
-@dataclasses.dataclass(frozen=True)
-class ClippedSum:
-  """The clipped per-example gradient sum of a batch, before noise.
-
-  Every array field is additive, so sums of chunks (microbatches, devices)
-  are combined with ``jax.tree.map(jnp.add, a, b)`` or ``jax.lax.psum``; noise
-  is then added once to the total. The clip norm is static metadata, so sums
-  made with different clip norms cannot be combined, and
-  :func:`dp_aggregate` refuses a sum clipped with another norm than its own.
-
-  Attributes:
-    grad_sum: Sum of clipped per-example gradients, float32 leaves. Its L2
-      sensitivity to adding or removing one example is ``l2_norm_clip``.
-    num_examples: Real (non-padding) examples seen, finite or not.
-    num_clipped: Real finite examples whose norm exceeded the clip.
-    num_non_finite: Real examples with a NaN/Inf gradient; they contribute 0.
-    l2_norm_clip: The clip norm ``C`` every example was clipped to.
-  """
-
-  grad_sum: PyTree
-  num_examples: jax.Array
-  num_clipped: jax.Array
-  num_non_finite: jax.Array
-  l2_norm_clip: float
+# The clipped sum lives in clipped_sum; these names stay importable here.
+ClippedSum = clipped_sum.ClippedSum
+clip_and_sum = clipped_sum.clip_and_sum
+clipped_sum_of = clipped_sum.clipped_sum_of
+check_clipping_matches = clipped_sum.check_clipping_matches
+_check_matches_params = clipped_sum.check_matches_params
 
 
 class DpAggregateState(NamedTuple):
@@ -114,125 +96,11 @@ def canonicalize_key(key: jax.Array | int) -> jax.Array:
       f'key must be an int seed or a JAX PRNG key, got dtype {key.dtype}.')
 
 
-# The clip norm's range: C / (a norm's mantissa) and a batch's sum of
-# clipped gradients must stay finite in float32 (3.4e38), and the noise std
-# sigma * C must stay far above float32's smallest normal number (1.2e-38),
-# below which XLA flushes the noise to zero and releases the exact sum.
-MAX_L2_NORM_CLIP = 1e30
-MIN_NOISE_STD = 1e-30
-
-
-def check_l2_norm_clip(l2_norm_clip: float) -> float:
-  """Returns the clip norm as a float, or raises unless 1e-30 <= C <= 1e30."""
-  l2_norm_clip = _check_positive('l2_norm_clip', l2_norm_clip)
-  if not MIN_NOISE_STD <= l2_norm_clip <= MAX_L2_NORM_CLIP:
-    raise ValueError(
-        f'l2_norm_clip must be in [{MIN_NOISE_STD:g}, {MAX_L2_NORM_CLIP:g}], '
-        f'got {l2_norm_clip}: outside it float32 sums overflow or the noise '
-        'underflows.')
-  return l2_norm_clip
-
-
-def clip_and_sum(
-    per_example_grads: PyTree,
-    l2_norm_clip: float,
-    is_padding_example: jax.Array | None = None,
-) -> ClippedSum:
-  """Clips each example's gradient to global L2 norm ``l2_norm_clip`` and sums.
-
-  Guarantee: the returned ``grad_sum`` changes by at most ``l2_norm_clip`` in
-  L2 norm (up to float32 rounding, relative ~1e-7) when one real example is
-  added or removed, for every finite float32 input: the norm is computed
-  after scaling each example by a power of two so that no square underflows
-  or overflows, and the sum adds exactly the scaled values the norm was
-  computed from (``clip_norms``). Padding examples and examples with any
-  NaN/Inf entry (after the cast to float32) contribute exactly zero and are
-  counted: they are selected away with ``where``, so a NaN cannot leak into
-  the sum through ``0 * NaN``. The weighted sum is an elementwise multiply
-  and reduction, not a matrix product, so it is exact to float32 rounding on
-  every backend (a dot would run in TF32 or bfloat16 on GPUs and TPUs by
-  default, and its rounding could push one example past ``C``).
-
-  Args:
-    per_example_grads: Pytree of floating-point leaves that share a leading
-      example axis.
-    l2_norm_clip: Clipping norm ``C`` > 0 (a Python number).
-    is_padding_example: Optional bool vector over the example axis; True
-      marks padding. None means every example is real.
-
-  Returns:
-    The clipped sum (float32 leaves) and example counts.
-  """
-  l2_norm_clip = check_l2_norm_clip(l2_norm_clip)
-  leaves = jax.tree.leaves(per_example_grads)
-  if not leaves:
-    raise ValueError('per_example_grads has no leaves.')
-  num_examples = leaves[0].shape[0] if leaves[0].ndim else None
-  for leaf in leaves:
-    if leaf.ndim == 0 or leaf.shape[0] != num_examples:
-      raise ValueError(
-          'Every leaf of per_example_grads needs the same leading example '
-          f'axis (of size {num_examples}); got a leaf of shape {leaf.shape}.')
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-      raise TypeError(f'Gradient leaves must be real floating point, got '
-                      f'{leaf.dtype} (shape {leaf.shape}).')
-  if is_padding_example is None:
-    is_real = jnp.ones((num_examples,), dtype=bool)
-  else:
-    if is_padding_example.shape != (num_examples,):
-      raise ValueError(
-          f'is_padding_example has shape {is_padding_example.shape}, '
-          f'expected ({num_examples},).')
-    is_real = jnp.logical_not(is_padding_example)
-
-  # Cast once, so the finiteness check, the norm and the sum see the same
-  # values (a float64 1e39 is finite but becomes inf in float32).
-  grads32 = [g.astype(jnp.float32).reshape(num_examples, -1) for g in leaves]
-  is_finite = functools.reduce(
-      jnp.logical_and, [jnp.all(jnp.isfinite(g), axis=1) for g in grads32])
-  # The norm and the sum both read the example scaled by a power of two, so
-  # no square underflows or overflows and the norm bounds what is added.
-  norms, scaled, exponent = clip_norms.scaled_norms(grads32)
-  factors = clip_norms.clip_factors(norms, is_finite, is_real, l2_norm_clip)
-
-  def weighted_sum(g32, leaf):
-    return factors.weighted_sum(g32, exponent).reshape(leaf.shape[1:])
-
-  treedef = jax.tree.structure(per_example_grads)
-  return clipped_sum_of(factors, jax.tree.unflatten(
-      treedef, [weighted_sum(g, l) for g, l in zip(scaled, leaves)]))
-
-
-def clipped_sum_of(factors: clip_norms.ClipFactors, grad_sum: PyTree
-                   ) -> ClippedSum:
-  """Wraps a sum weighted by ``factors`` with the example counts."""
-  return ClippedSum(
-      grad_sum=grad_sum,
-      num_examples=jnp.sum(factors.is_real, dtype=jnp.int32),
-      num_clipped=jnp.sum(factors.clipped, dtype=jnp.int32),
-      num_non_finite=jnp.sum(factors.is_real & ~factors.keep,
-                             dtype=jnp.int32),
-      l2_norm_clip=factors.l2_norm_clip)
-
-
-def _check_matches_params(grads: PyTree, params: PyTree, leading: int) -> None:
-  """Raises unless each gradient leaf has its parameter's shape after
-  ``leading`` axes: this catches an aggregated gradient passed as per-example
-  gradients (it would be clipped coordinate by coordinate, with no bound)."""
-  grad_leaves, grad_def = jax.tree.flatten(grads)
-  param_leaves, param_def = jax.tree.flatten(params)
-  if grad_def != param_def:
-    raise ValueError(f'Gradient tree {grad_def} differs from params tree '
-                     f'{param_def}.')
-  for grad, param in zip(grad_leaves, param_leaves):
-    if grad.shape[leading:] != jnp.shape(param):
-      what = ('per-example gradients (example axis first)' if leading
-              else 'the clipped sum')
-      raise ValueError(
-          f'Expected {what} shaped like params: got a leaf of shape '
-          f'{grad.shape} for a parameter of shape {jnp.shape(param)}. '
-          'Already aggregated gradients have no per-example bound and '
-          'cannot be made private here.')
+# The clip norm's range (the reasons are in clip_norms).
+MAX_L2_NORM_CLIP = clip_norms.MAX_L2_NORM_CLIP
+MIN_NOISE_STD = clip_norms.MIN_NOISE_STD
+check_l2_norm_clip = clip_norms.check_l2_norm_clip
+_check_positive = clip_norms.check_positive
 
 
 def add_noise(
@@ -255,16 +123,59 @@ def add_noise(
   return jax.tree.unflatten(treedef, noised)
 
 
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
-  value = float(value)
-  if not (value >= 0 if allow_zero else value > 0) or value == float('inf'):
-    bound = '>= 0' if allow_zero else '> 0'
-    raise ValueError(f'{name} must be finite and {bound}, got {value}.')
-  return value
+def clipped_sum_for_update(
+    updates: PyTree, params: PyTree | None,
+    is_padding_example: jax.Array | None, clipping: clip_plan.ClipSpec,
+    clip_norm: jax.Array | None = None) -> tuple[ClippedSum, PyTree]:
+  """The :class:`ClippedSum` of a transform's input (per-example gradients,
+  clipped here, or a ``ClippedSum``, checked) and the tree whose dtypes the
+  update takes."""
+  if isinstance(updates, ClippedSum):
+    if is_padding_example is not None:
+      raise ValueError('Pass is_padding_example to clip_and_sum, not with a '
+                       'ClippedSum.')
+    check_clipping_matches(updates, clipping)
+    if params is not None:
+      _check_matches_params(updates.grad_sum, params, leading=0)
+    clipped, like = updates, updates.grad_sum
+  else:
+    if params is not None:
+      _check_matches_params(updates, params, leading=1)
+    clipped = clip_and_sum(updates, clipping, is_padding_example,
+                           clip_norm=clip_norm)
+    like = updates
+  if params is not None:
+    like = params  # updates in the parameters' dtype, on both paths
+  return clipped, like
+
+
+def state_after(state: DpAggregateState, clipped: ClippedSum,
+                next_key: jax.Array) -> DpAggregateState:
+  """The state after one noise draw on ``clipped``, storing ``next_key``."""
+  return DpAggregateState(
+      noise_key=next_key,
+      num_updates=state.num_updates + 1,
+      realized_batch_size=clipped.num_examples,
+      clipped_fraction=clipped.num_clipped
+      / jnp.maximum(clipped.num_examples - clipped.num_non_finite, 1),
+      num_non_finite=clipped.num_non_finite,
+      total_non_finite=state.total_non_finite + clipped.num_non_finite,
+  )
+
+
+def initial_state(key: jax.Array) -> DpAggregateState:
+  """The state before the first update, holding ``key``."""
+  # Distinct arrays per field, so a jitted step may donate the state.
+  def zero():
+    return jnp.zeros((), jnp.int32)
+  return DpAggregateState(
+      noise_key=key, num_updates=zero(), realized_batch_size=zero(),
+      clipped_fraction=jnp.zeros((), jnp.float32), num_non_finite=zero(),
+      total_non_finite=zero())
 
 
 def dp_aggregate(
-    l2_norm_clip: float,
+    l2_norm_clip: float | group_clipping.GroupClipNorms,
     noise_multiplier: float,
     expected_batch_size: int,
     key: jax.Array | int,
@@ -285,6 +196,15 @@ def dp_aggregate(
   Poisson sampling at rate ``q``, each call is the dp-accounting event
   ``PoissonSampledDpEvent(q, GaussianDpEvent(noise_multiplier))``; the caller
   must compose exactly one such event per call.
+
+  Per-group clipping: with ``l2_norm_clip`` a
+  ``group_clipping.GroupClipNorms``, example ``i``'s gradient restricted to
+  group ``g`` is clipped to ``C_g``, so the sum's L2 sensitivity is
+  ``C = sqrt(sum_g C_g**2)`` (float64) and the noise is
+  ``N(0, (noise_multiplier * C)^2 I)`` on the whole sum: the same guarantee
+  and the same accountant event. A :class:`ClippedSum` must have been clipped
+  with the same groups and norms (``clipped_grad_sum(loss_fn, same_spec)``);
+  any other is refused.
 
   When ``params`` is passed, every gradient leaf must be shaped like its
   parameter after the example axis: an already aggregated gradient is refused
@@ -312,7 +232,8 @@ def dp_aggregate(
   (3, 1.0)
 
   Args:
-    l2_norm_clip: Clipping norm ``C`` > 0 of each example's whole gradient.
+    l2_norm_clip: Clipping norm ``C`` > 0 of each example's whole gradient,
+      or a ``GroupClipNorms``.
     noise_multiplier: ``sigma`` >= 0; the noise std on the sum is ``sigma*C``.
     expected_batch_size: Public divisor ``q * num_examples`` > 0.
     key: JAX PRNG key or int seed for the noise. Keep it secret; a resumed run
@@ -321,12 +242,16 @@ def dp_aggregate(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`DpAggregateState`.
   """
-  l2_norm_clip = check_l2_norm_clip(l2_norm_clip)
+  clipping = clip_plan.check_spec(l2_norm_clip)
+  if isinstance(clipping, clip_plan.AdaptiveClipNorm):
+    raise ValueError('dp_aggregate takes a fixed clip norm; for adaptive '
+                     'clipping use adaptive_clipping.dp_aggregate_adaptive.')
+  sensitivity = clip_plan.sensitivity(clipping)
   noise_multiplier = _check_positive(
       'noise_multiplier', noise_multiplier, allow_zero=True)
   expected_batch_size = _check_positive(
       'expected_batch_size', expected_batch_size)
-  noise_std = noise_multiplier * l2_norm_clip
+  noise_std = noise_multiplier * sensitivity
   if 0 < noise_std < MIN_NOISE_STD:
     raise ValueError(
         f'noise_multiplier * l2_norm_clip = {noise_std:g} < {MIN_NOISE_STD:g}: '
@@ -336,35 +261,13 @@ def dp_aggregate(
 
   def init_fn(params):
     del params
-    # Distinct arrays per field, so a jitted step may donate the state.
-    def zero():
-      return jnp.zeros((), jnp.int32)
-    return DpAggregateState(
-        noise_key=initial_key, num_updates=zero(), realized_batch_size=zero(),
-        clipped_fraction=jnp.zeros((), jnp.float32), num_non_finite=zero(),
-        total_non_finite=zero())
+    return initial_state(initial_key)
 
   def update_fn(updates, state, params=None, *, is_padding_example=None,
                 **extra_args):
     del extra_args
-    if isinstance(updates, ClippedSum):
-      if is_padding_example is not None:
-        raise ValueError('Pass is_padding_example to clip_and_sum, not with a '
-                         'ClippedSum.')
-      if updates.l2_norm_clip != l2_norm_clip:
-        raise ValueError(
-            f'The ClippedSum was clipped to {updates.l2_norm_clip} but this '
-            f'transform calibrates its noise for l2_norm_clip={l2_norm_clip}.')
-      if params is not None:
-        _check_matches_params(updates.grad_sum, params, leading=0)
-      clipped, like = updates, updates.grad_sum
-    else:
-      if params is not None:
-        _check_matches_params(updates, params, leading=1)
-      clipped = clip_and_sum(updates, l2_norm_clip, is_padding_example)
-      like = updates
-    if params is not None:
-      like = params  # updates in the parameters' dtype, on both paths
+    clipped, like = clipped_sum_for_update(updates, params, is_padding_example,
+                                           clipping)
     noise_key, next_key = jax.random.split(state.noise_key)
     noised_sum = add_noise(clipped.grad_sum, noise_std, noise_key)
     # Divide in float32, then return each leaf in its parameter's dtype (or,
@@ -372,16 +275,7 @@ def dp_aggregate(
     mean = jax.tree.map(
         lambda g, ref: (g / expected_batch_size).astype(jnp.result_type(ref)),
         noised_sum, like)
-    new_state = DpAggregateState(
-        noise_key=next_key,
-        num_updates=state.num_updates + 1,
-        realized_batch_size=clipped.num_examples,
-        clipped_fraction=clipped.num_clipped
-        / jnp.maximum(clipped.num_examples - clipped.num_non_finite, 1),
-        num_non_finite=clipped.num_non_finite,
-        total_non_finite=state.total_non_finite + clipped.num_non_finite,
-    )
-    return mean, new_state
+    return mean, state_after(state, clipped, next_key)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -400,7 +294,7 @@ def dp_state(opt_state: PyTree) -> DpAggregateState:
 
 def dpsgd(
     learning_rate: optax.ScalarOrSchedule,
-    l2_norm_clip: float,
+    l2_norm_clip: float | group_clipping.GroupClipNorms,
     noise_multiplier: float,
     expected_batch_size: int,
     key: jax.Array | int,
@@ -414,7 +308,7 @@ def dpsgd(
 
   Args:
     learning_rate: Step size or schedule.
-    l2_norm_clip: Per-example clipping norm ``C``.
+    l2_norm_clip: Per-example clipping norm ``C`` (or ``GroupClipNorms``).
     noise_multiplier: Noise std on the clipped sum divided by ``C``.
     expected_batch_size: Public divisor ``q * num_examples``.
     key: JAX PRNG key or int seed for the noise.
@@ -428,3 +322,4 @@ def dpsgd(
       dp_aggregate(l2_norm_clip, noise_multiplier, expected_batch_size, key),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   )
+

@@ -24,11 +24,15 @@ optimization on large model at small cost", ICML 2023). For every
    when cheaper, from Gram matrices without forming it (the "ghost norm"):
    ``sum_{t,s} (a_t . a_s)(delta_t . delta_s)``, plus a bound on the float32
    rounding of both that sum and the contributed sum (below).
-3. ``dp_transform.clip_factors`` turns the total norms into clip scales, and
-   the clipped sum is ``sum_i scale_i G_i`` (materialized) or
-   ``sum_t a_t (scale delta)_t^T`` (ghost).
+3. ``clip_plan`` (``clip_norms.group_clip_factors``, the rule the vmap path
+   uses too) turns the norms, combined per clip group (one group unless
+   ``l2_norm_clip`` is a ``GroupClipNorms``; a kernel and its bias may be in
+   different groups), into clip scales, and the clipped sum is
+   ``sum_i scale_i G_i`` (materialized) or ``sum_t a_t (scale delta)_t^T``
+   (ghost).
 
-Guarantee: the same as ``dp_transform.clip_and_sum``, sensitivity ``C``.
+Guarantee: the same as ``dp_transform.clip_and_sum``, sensitivity ``C``
+(``sqrt(sum_g C_g**2)`` per group, 1 in units of ``C`` when adaptive).
 Example ``i`` is in its own vmap lane, so ``a`` and ``delta`` of its rows
 depend on it alone. Where the gradient is materialized, the norm and the
 contribution are the same array. Where it is not, the norm used is an upper
@@ -58,6 +62,7 @@ import jax
 import jax.numpy as jnp
 
 from dplh_jax.dp import clip_norms
+from dplh_jax.dp import clip_plan
 from dplh_jax.dp import dp_transform
 from dplh_jax.dp import one_pass_probe
 from dplh_jax.dp import per_example
@@ -76,14 +81,29 @@ class _LayerGrad:
   """Per-example statistics of one layer's gradient.
 
   Attributes:
-    norm: ``(B,)`` norm (or upper bound) of each example's kernel + bias
-      contribution. A NaN/Inf in the example's inputs or output gradients at
-      this layer makes its mantissa NaN/Inf (``inf * 0`` is NaN), which is
-      how non-finite examples are found without another pass.
-    clipped_sum: ``factors -> {'kernel': ..., 'bias': ...}`` weighted sums.
+    part_norms: ``{'kernel': ..., 'bias': ...}``, ``(B,)`` norms (or upper
+      bounds) of each example's kernel and bias contributions. A NaN/Inf in
+      the example's inputs or output gradients at this layer makes the
+      kernel's mantissa NaN/Inf (``inf * 0`` is NaN), which is how
+      non-finite examples are found without another pass.
+    part_sums: ``{name: factors} -> {'kernel': ..., 'bias': ...}`` weighted
+      sums, each part with its own group's factors.
   """
-  norm: clip_norms.ScaledNorm
-  clipped_sum: Callable[[clip_norms.ClipFactors], dict[str, jax.Array]]
+  part_norms: dict[str, clip_norms.ScaledNorm]
+  part_sums: Callable[[dict[str, clip_norms.ClipFactors]],
+                      dict[str, jax.Array]]
+
+  @property
+  def norm(self) -> clip_norms.ScaledNorm:
+    """The norm of kernel and bias together."""
+    return clip_norms.combine_norms(list(self.part_norms.values()))
+
+  def clipped_sum(self, factors: clip_norms.ClipFactors
+                  | dict[str, clip_norms.ClipFactors]) -> dict[str, jax.Array]:
+    """Weighted sums with one ``factors`` for both parts, or one per part."""
+    if isinstance(factors, clip_norms.ClipFactors):
+      factors = {name: factors for name in self.part_norms}
+    return self.part_sums(factors)
 
 
 def _scaled_rows(a: jax.Array, delta: jax.Array
@@ -161,15 +181,16 @@ def _matrix_grad(a: jax.Array, delta: jax.Array, to_kernel: Callable,
     def kernel_sum(factors: clip_norms.ClipFactors) -> jax.Array:
       return factors.weighted_sum(grads, top + exponent).T
 
-  def clipped_sum(factors):
-    sums = {'kernel': to_kernel(kernel_sum(factors))}
+  def part_sums(factors):
+    sums = {'kernel': to_kernel(kernel_sum(factors['kernel']))}
     if use_bias:
-      sums['bias'] = factors.weighted_sum(bias_grads, bias_exponent)
+      sums['bias'] = factors['bias'].weighted_sum(bias_grads, bias_exponent)
     return sums
 
-  norm = (clip_norms.combine_norms([kernel_norm, bias_norm]) if use_bias
-          else kernel_norm)
-  return _LayerGrad(norm, clipped_sum)
+  norms = {'kernel': kernel_norm}
+  if use_bias:
+    norms['bias'] = bias_norm
+  return _LayerGrad(norms, part_sums)
 
 
 def _dense_grad(module: nn.Dense, a: jax.Array, delta: jax.Array
@@ -275,7 +296,7 @@ def _tapped_loss(loss_fn, params, example, args, taps):
 
 def clipped_grad_sum(
     loss_fn: Callable[..., Any],
-    l2_norm_clip: float,
+    l2_norm_clip: clip_plan.ClipSpec,
     *,
     has_aux: bool = False,
     microbatch_size: int | None = None,
@@ -288,21 +309,23 @@ def clipped_grad_sum(
   Args:
     loss_fn: ``loss_fn(params, example, *args) -> loss`` or ``(loss, aux)``
       of ONE example; ``params`` is a Flax variables dict.
-    l2_norm_clip: clip norm ``C`` of each example's whole gradient.
+    l2_norm_clip: clip norm ``C`` of each example's whole gradient, a
+      ``GroupClipNorms`` or ``ADAPTIVE`` (then pass ``clip_norm`` per call).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     microbatch_size: examples per chunk; None clips the whole batch at once.
 
   Returns:
-    ``(params, batch, *args, is_padding_example=None) -> clipped_sum`` (or
-    ``(clipped_sum, aux)``, ``aux`` per example).
+    ``(params, batch, *args, is_padding_example=None, clip_norm=None) ->
+    clipped_sum`` (or ``(clipped_sum, aux)``, ``aux`` per example).
   """
-  l2_norm_clip = dp_transform.check_l2_norm_clip(l2_norm_clip)
+  l2_norm_clip = clip_plan.check_spec(l2_norm_clip)
 
   def loss_and_aux(params, example, *args):
     out = loss_fn(params, example, *args)
     return out if has_aux else (out, None)
 
-  def clip_chunk(params, chunk, is_padding_example, *args):
+  def clip_chunk(params, chunk, is_padding_example, *args, clip_norm=None):
+    plan = clip_plan.plan(l2_norm_clip, params, clip_norm)
     num_examples = is_padding_example.shape[0]
     first = jax.tree.map(lambda x: x[0], chunk)
     modules, layer_keys = one_pass_probe.probe(loss_and_aux, params, first,
@@ -331,24 +354,41 @@ def clipped_grad_sum(
     for path, module in modules.items():
       grad_of = _dense_grad if type(module) is nn.Dense else _conv_grad  # pylint: disable=unidiomatic-typecheck
       layer_grads.append((path, grad_of(module, inputs[path], deltas[path])))
-    other_norms, other_exponents = {}, {}
+    # Each parameter's (n,) norms, keyed by its path, then combined per clip
+    # group (each group's own scaled-norm combination: rule 9 per group).
+    part_norms, other_exponents = {}, {}
     for key, g in other_grads.items():
-      other_norms[key], (other_grads[key],), other_exponents[key] = (
+      part_norms[key], (other_grads[key],), other_exponents[key] = (
           clip_norms.scaled_norms(
               [g.astype(jnp.float32).reshape(num_examples, -1)]))
-    norms = clip_norms.combine_norms(
-        [layer.norm for _, layer in layer_grads] + list(other_norms.values()))
-    # Any NaN/Inf that could reach the example's contribution makes its norm
-    # non-finite (see _LayerGrad); it contributes 0.
-    factors = clip_norms.clip_factors(
-        norms, jnp.isfinite(norms.mantissa), ~is_padding_example,
-        l2_norm_clip)
-
-    sums = {key: factors.weighted_sum(g, other_exponents[key]).reshape(
-                flat_params[key].shape) for key, g in other_grads.items()}
     for path, layer in layer_grads:
-      for name, value in layer.clipped_sum(factors).items():
-        sums[('params',) + path + (name,)] = value
+      for name, norm in layer.part_norms.items():
+        part_norms[('params',) + path + (name,)] = norm
+    if set(part_norms) != set(flat_params):
+      raise ValueError('No gradient for parameters '
+                       f'{sorted(set(flat_params) - set(part_norms))} or '
+                       f'gradients for unknown ones '
+                       f'{sorted(set(part_norms) - set(flat_params))}.')
+    group_parts = [[] for _ in range(plan.num_groups)]
+    for key, norm in part_norms.items():
+      group_parts[plan.group_of_path(key)].append(norm)
+    group_norms = [clip_norms.combine_norms(parts) for parts in group_parts]
+    # Any NaN/Inf that could reach the example's contribution makes a norm
+    # non-finite (see _LayerGrad); it contributes 0 in every group.
+    is_finite = jnp.ones((num_examples,), bool)
+    for norms in group_norms:
+      is_finite = is_finite & jnp.isfinite(norms.mantissa)
+    factors = plan.factors(group_norms, is_finite, ~is_padding_example)
+
+    sums = {key: factors.of_path(key).weighted_sum(
+        g, other_exponents[key]).reshape(flat_params[key].shape)
+            for key, g in other_grads.items()}
+    for path, layer in layer_grads:
+      keys = {name: ('params',) + path + (name,) for name in layer.part_norms}
+      layer_sums = layer.clipped_sum(
+          {name: factors.of_path(key) for name, key in keys.items()})
+      for name, value in layer_sums.items():
+        sums[keys[name]] = value
     for key, value in flat_params.items():
       if key not in sums or sums[key].shape != value.shape:
         raise ValueError(f'No gradient of the right shape for parameter '

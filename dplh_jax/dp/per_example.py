@@ -7,11 +7,13 @@ the batch along its leading axis. Arguments after the batch are shared by all
 examples; per-example randomness (dropout) belongs inside the batch.
 """
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from dplh_jax.dp import clip_plan
 from dplh_jax.dp import dp_transform
 
 PyTree = Any
@@ -77,7 +79,7 @@ def per_example_grads(
 
 def clipped_grad_sum(
     loss_fn: Callable[..., Any],
-    l2_norm_clip: float,
+    l2_norm_clip: clip_plan.ClipSpec,
     *,
     has_aux: bool = False,
     microbatch_size: int | None = None,
@@ -94,22 +96,32 @@ def clipped_grad_sum(
 
   With ``has_aux`` it returns ``(clipped_sum, aux)`` with ``aux`` per example.
 
+  ``l2_norm_clip`` may also be a ``group_clipping.GroupClipNorms`` (each
+  group of parameters clipped to its own norm; sensitivity
+  ``sqrt(sum_g C_g**2)``) or ``clip_plan.ADAPTIVE``, also exported as
+  ``adaptive_clipping.ADAPTIVE``: then call with
+  ``clip_norm=adaptive_clipping.current_clip_norm(opt_state)`` and feed the
+  result to ``adaptive_clipping.dp_aggregate_adaptive``.
+
   Args:
     loss_fn: ``loss_fn(params, example, *args) -> loss`` or ``(loss, aux)``.
-    l2_norm_clip: Clipping norm ``C`` of each example's whole gradient.
+    l2_norm_clip: Clipping norm ``C`` of each example's whole gradient, a
+      ``GroupClipNorms`` or ``ADAPTIVE``.
     has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
     microbatch_size: Examples per chunk; None clips the whole batch at once.
 
   Returns:
-    A function ``(params, batch, *args, is_padding_example=None)``.
+    A function ``(params, batch, *args, is_padding_example=None,
+    clip_norm=None)``.
   """
-  l2_norm_clip = dp_transform.check_l2_norm_clip(l2_norm_clip)
+  l2_norm_clip = clip_plan.check_spec(l2_norm_clip)
   grads_of = per_example_grads(loss_fn, has_aux=has_aux)
 
-  def clip_chunk(params, chunk, padding, *args):
+  def clip_chunk(params, chunk, padding, *args, clip_norm=None):
     out = grads_of(params, chunk, *args)
     grads, aux = out if has_aux else (out, None)
-    return dp_transform.clip_and_sum(grads, l2_norm_clip, padding), aux
+    return dp_transform.clip_and_sum(grads, l2_norm_clip, padding,
+                                     clip_norm=clip_norm), aux
 
   return microbatched(clip_chunk, has_aux=has_aux,
                       microbatch_size=microbatch_size)
@@ -123,10 +135,12 @@ def microbatched(
 ) -> Callable[..., Any]:
   """Sums a chunk clipper's :class:`dp_transform.ClippedSum` over microbatches.
 
-  ``clip_chunk(params, chunk, is_padding_example, *args) -> (clipped_sum,
-  aux)`` clips and sums the examples of one chunk (``aux`` per example, or
-  None). The sum over chunks has the chunk sums' guarantee: each example is
-  in exactly one chunk, so the total's sensitivity to one example is ``C``.
+  ``clip_chunk(params, chunk, is_padding_example, *args, clip_norm=None) ->
+  (clipped_sum, aux)`` clips and sums the examples of one chunk (``aux`` per
+  example, or None); ``clip_norm`` is the adaptive ``C``, passed through to
+  every chunk. The sum over chunks has the chunk sums' guarantee: each example
+  is in exactly one chunk, so the total's sensitivity to one example is that
+  of one chunk's sum.
 
   Speed on CPU: with more than one chunk, the chunks run in a ``lax.scan``
   that skips all-padding chunks with ``lax.cond``; memory then stays flat in
@@ -139,12 +153,12 @@ def microbatched(
     microbatch_size: examples per chunk; None clips the whole batch at once.
 
   Returns:
-    ``(params, batch, *args, is_padding_example=None) -> clipped_sum`` or
-    ``(clipped_sum, aux)``.
+    ``(params, batch, *args, is_padding_example=None, clip_norm=None) ->
+    clipped_sum`` or ``(clipped_sum, aux)``.
   """
   _check_microbatch_size(microbatch_size)
 
-  def fused(params, batch, *args, is_padding_example=None):
+  def fused(params, batch, *args, is_padding_example=None, clip_norm=None):
     n = _batch_size(batch)
     if n == 0:
       raise ValueError('The batch is empty; pad it to at least one example '
@@ -159,7 +173,8 @@ def microbatched(
       # No loop and no padding skip: XLA:CPU runs the body of a scan or a
       # cond 2-3x slower than the same ops at top level (measured in
       # experiments/bench_dp_step.py), so one chunk is computed directly.
-      out = clip_chunk(params, batch, is_padding_example, *args)
+      out = clip_chunk(params, batch, is_padding_example, *args,
+                       clip_norm=clip_norm)
       return out if has_aux else out[0]
     num_chunks, remainder = divmod(n, m)
     split = num_chunks * m
@@ -170,7 +185,8 @@ def microbatched(
     first = jax.tree.map(lambda x: x[:m], batch)
     zero_clipped, zero_aux = jax.tree.map(
         lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-            lambda: clip_chunk(params, first, is_padding_example[:m], *args)))
+            lambda: clip_chunk(params, first, is_padding_example[:m], *args,
+                               clip_norm=clip_norm)))
 
     def body(total, chunk_and_padding):
       chunk, padding = chunk_and_padding
@@ -181,7 +197,8 @@ def microbatched(
       # released updates, not timings.)
       clipped, aux = jax.lax.cond(
           jnp.all(padding), lambda: (zero_clipped, zero_aux),
-          lambda: clip_chunk(params, chunk, padding, *args))
+          lambda: clip_chunk(params, chunk, padding, *args,
+                             clip_norm=clip_norm))
       return jax.tree.map(jnp.add, total, clipped), aux
 
     total, aux = jax.lax.scan(
@@ -193,10 +210,16 @@ def microbatched(
     if remainder:
       rest = jax.tree.map(lambda x: x[split:], batch)
       clipped, rest_aux = clip_chunk(
-          params, rest, is_padding_example[split:], *args)
+          params, rest, is_padding_example[split:], *args,
+          clip_norm=clip_norm)
       total = jax.tree.map(jnp.add, total, clipped)
       if has_aux:
         aux = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), aux, rest_aux)
+    if total.clip_norm_tag is not None:
+      # Every chunk, skipped or not, was clipped to clip_norm: the tag
+      # counts all n slots, so it depends on C and the shape alone.
+      total = dataclasses.replace(
+          total, clip_norm_tag=clip_plan.clip_norm_tag(clip_norm, n))
     return (total, aux) if has_aux else total
 
   return fused

@@ -19,7 +19,11 @@ would:
   row, on both paths, with and without microbatching.
 
 :func:`worst_removal_ratio` returns ``max_i ||S(D) - S(D without i)|| / C``,
-which must not exceed 1 (up to float32 rounding, 1e-4).
+which must not exceed 1 (up to float32 rounding, 1e-4); with per-group
+(``GroupClipNorms``) or adaptive (``ADAPTIVE``, a given ``clip_norm``)
+clipping, ``C`` is the sum's sensitivity, and :func:`removal_ratios` also
+gives each group's move over its ``C_g`` and the change of the unclipped
+count that adaptive clipping noises.
 ``experiments/sensitivity_search.py`` runs many cases; the test suite runs a
 fixed slice. Needs flax (the application extra).
 """
@@ -35,9 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dplh_jax.dp import clip_plan
+from dplh_jax.dp import group_clipping
 from dplh_jax.dp import one_pass_clipping
 from dplh_jax.dp import per_example
 
+PyTree = Any
 CLIPPING_PATHS = {'vmap': per_example.clipped_grad_sum,
                   'one_pass': one_pass_clipping.clipped_grad_sum}
 NUM_EXAMPLES = 4
@@ -175,13 +182,15 @@ def random_batch(spec: ModelSpec, rng: np.random.Generator
 
 
 @functools.lru_cache(maxsize=64)
-def _clipped_sum_fn(spec: ModelSpec, path: str, l2_norm_clip: float,
+def _clipped_sum_fn(spec: ModelSpec, path: str,
+                    l2_norm_clip: clip_plan.ClipSpec,
                     microbatch_size: int | None) -> Callable:
   clipped = CLIPPING_PATHS[path](
       functools.partial(example_loss, model=RandomNet(spec)), l2_norm_clip,
       microbatch_size=microbatch_size)
-  return jax.jit(lambda params, batch, rng, padding: clipped(
-      params, batch, rng, is_padding_example=padding).grad_sum)
+  # clip_norm is traced: an adaptive C changes without a new compile.
+  return jax.jit(lambda params, batch, rng, padding, clip_norm: clipped(
+      params, batch, rng, is_padding_example=padding, clip_norm=clip_norm))
 
 
 def _distance(a, b) -> float:
@@ -190,25 +199,101 @@ def _distance(a, b) -> float:
       for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))))
 
 
-def worst_removal_ratio(spec: ModelSpec, batch: dict[str, np.ndarray],
-                        path: str, l2_norm_clip: float,
-                        microbatch_size: int | None = None,
-                        seed: int = 0) -> float:
-  """``max_i ||S(D) - S(D - i)|| / C`` over every example ``i``, removing it
-  both by masking (padding) and by deleting its row."""
+def _unclipped(clipped) -> int:
+  return int(clipped.num_examples - clipped.num_clipped
+             - clipped.num_non_finite)
+
+
+def removal_ratios(spec: ModelSpec, batch: dict[str, np.ndarray], path: str,
+                   l2_norm_clip: clip_plan.ClipSpec = 1.0,
+                   microbatch_size: int | None = None, seed: int = 0,
+                   clip_norm: float | None = None,
+                   same_shape: bool = False) -> dict[str, float]:
+  """Worst moves of the clipped sum over every example ``i`` removed by
+  masking (padding) and by deleting its row, relative to what they may be.
+
+  With ``same_shape``, a deleted row is moved to the end as padding, so the
+  later examples still change slots but the batch keeps its shape (one
+  compile instead of two; what a padded Poisson batch does).
+
+  Returns:
+    ``'total'``: ``max_i ||S(D) - S(D - i)||`` over the sum's sensitivity
+    (``C``, ``sqrt(sum_g C_g**2)``, or 1 for an adaptive sum in units of
+    ``C``); ``'group <name>'`` (per-group clipping): the move restricted to
+    the group over ``C_g``; ``'unclipped_count'``: the largest change of the
+    count of real, finite, unclipped examples (at most 1).
+  """
   model = RandomNet(spec)
   params = model.init(jax.random.key(seed), batch['x'][0])
   rng = jax.random.key(seed + 1)
   fn = _clipped_sum_fn(spec, path, l2_norm_clip, microbatch_size)
+  if clip_norm is not None:
+    clip_norm = np.float32(clip_norm)
   n = len(batch['id'])
-  full = fn(params, batch, rng, np.zeros(n, bool))
-  worst = 0.0
+  groups = {}
+  if isinstance(l2_norm_clip, group_clipping.GroupClipNorms):
+    leaf_groups, _ = l2_norm_clip.assign(params)
+    for leaf, group in enumerate(leaf_groups):
+      name, norm = l2_norm_clip.norms[group]
+      groups.setdefault(name, (norm, []))[1].append(leaf)
+  full = fn(params, batch, rng, np.zeros(n, bool), clip_norm)
+  worst = {'total': 0.0, 'unclipped_count': 0.0} | {
+      f'group {name}': 0.0 for name in groups}
   for i in range(n):
-    masked = fn(params, batch, rng, np.arange(n) == i)
-    deleted = fn(params, {k: np.delete(v, i, axis=0) for k, v in batch.items()},
-                 rng, np.zeros(n - 1, bool))
-    worst = max(worst, _distance(full, masked), _distance(full, deleted))
-  return worst / l2_norm_clip
+    masked = fn(params, batch, rng, np.arange(n) == i, clip_norm)
+    if same_shape:
+      order = [j for j in range(n) if j != i] + [i]
+      deleted = fn(params, {k: v[order] for k, v in batch.items()}, rng,
+                   np.arange(n) == n - 1, clip_norm)
+    else:
+      deleted = fn(params, {k: np.delete(v, i, axis=0)
+                            for k, v in batch.items()},
+                   rng, np.zeros(n - 1, bool), clip_norm)
+    for removed in (masked, deleted):
+      worst['total'] = max(worst['total'], _distance(
+          full.grad_sum, removed.grad_sum) / full.l2_norm_clip)
+      worst['unclipped_count'] = max(worst['unclipped_count'], abs(
+          _unclipped(full) - _unclipped(removed)))
+      leaves_full = jax.tree.leaves(full.grad_sum)
+      leaves_removed = jax.tree.leaves(removed.grad_sum)
+      for name, (norm, members) in groups.items():
+        worst[f'group {name}'] = max(worst[f'group {name}'], _distance(
+            [leaves_full[j] for j in members],
+            [leaves_removed[j] for j in members]) / norm)
+  return worst
+
+
+def worst_removal_ratio(spec: ModelSpec, batch: dict[str, np.ndarray],
+                        path: str, l2_norm_clip: clip_plan.ClipSpec,
+                        microbatch_size: int | None = None,
+                        seed: int = 0, clip_norm: float | None = None
+                        ) -> float:
+  """``max_i ||S(D) - S(D - i)|| / sensitivity`` over every example ``i``,
+  removing it both by masking (padding) and by deleting its row."""
+  return removal_ratios(spec, batch, path, l2_norm_clip, microbatch_size,
+                        seed, clip_norm)['total']
+
+
+def random_group_clip_norms(params: PyTree, rng: np.random.Generator
+                            ) -> group_clipping.GroupClipNorms:
+  """A random grouping of ``params`` (by leaf name, by module, or at random
+  per leaf) with clip norms from 1e-3 to 1e2."""
+  paths = group_clipping.leaf_paths(params)
+  kind = int(rng.integers(0, 3))
+  if kind == 0:
+    def group_of(path):
+      return path[-1]
+  elif kind == 1:
+    def group_of(path):
+      return '/'.join(path[:-1])
+  else:
+    chosen = {path: f'g{int(rng.integers(0, 3))}' for path in paths}
+
+    def group_of(path):
+      return chosen[path]
+  names = sorted({group_of(path) for path in paths})
+  return group_clipping.GroupClipNorms.from_function(
+      group_of, {name: float(10.0 ** rng.integers(-3, 3)) for name in names})
 
 
 def random_case(seed: int) -> tuple[ModelSpec, dict[str, np.ndarray], float,
