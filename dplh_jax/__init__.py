@@ -14,6 +14,8 @@ Two layers (docs/DESIGN.md, Layout):
 
 from dplh_jax.dp import accounting
 from dplh_jax.dp.accounting import PrivacyAccountant
+from dplh_jax.dp.batch_iterator import PaddedBatches
+from dplh_jax.dp.batch_iterator import SampledBatch
 from dplh_jax.dp.batch_selection import gather_padded
 from dplh_jax.dp.batch_selection import PoissonSampler
 from dplh_jax.dp.batch_selection import SampledIndices
@@ -25,10 +27,12 @@ from dplh_jax.dp.dp_transform import DpAggregateState
 from dplh_jax.dp.dp_transform import dpsgd
 from dplh_jax.dp.per_example import clipped_grad_sum
 from dplh_jax.dp.per_example import per_example_grads
+from dplh_jax.dp.private_setup import make_private
+from dplh_jax.dp.private_setup import PrivateSetup
 
 __all__ = [
     'accounting', 'ClippedSum', 'clip_and_sum', 'clipped_grad_sum',
     'dp_aggregate', 'dp_state', 'DpAggregateState', 'dpsgd', 'gather_padded',
-    'per_example_grads', 'PoissonSampler', 'PrivacyAccountant',
-    'SampledIndices',
+    'make_private', 'PaddedBatches', 'per_example_grads', 'PoissonSampler',
+    'PrivacyAccountant', 'PrivateSetup', 'SampledBatch', 'SampledIndices',
 ]

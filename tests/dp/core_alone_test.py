@@ -24,9 +24,10 @@ _SCRIPT = textwrap.dedent('''
     sys.meta_path.insert(0, Block())
     import jax, jax.numpy as jnp, numpy as np, optax
     import dplh_jax
-    from dplh_jax.dp import (accounting, audit, batch_selection, clip_norms,
-                             dp_transform, noise_keys, per_example,
-                             privacy_plan, privacy_report, run_binding)
+    from dplh_jax.dp import (accounting, audit, batch_iterator,
+                             batch_selection, clip_norms, dp_transform,
+                             noise_keys, per_example, privacy_plan,
+                             privacy_report, private_setup, run_binding)
     assert not any(m.startswith('dplh_jax.hyperface') for m in sys.modules)
 
     loss = lambda p, x: jnp.sum((p['w'] @ x - 1.0) ** 2)
