@@ -149,6 +149,44 @@ class PoissonSampler:
     self.steps_sampled = int(state['steps_sampled'])
 
 
+def process_share(sample: SampledIndices, process_index: int,
+                  num_processes: int) -> np.ndarray:
+  """The real indices of ``sample`` that process ``process_index`` owns.
+
+  Process ``p`` of ``P`` owns the indices ``i`` with ``i % P == p``: the
+  shares are disjoint and cover the dataset, so each sampled index is trained
+  on by exactly one process, and the union of the shares is ``sample``
+  itself (nothing dropped, nothing duplicated).
+
+  Guarantee: inclusion is independent per index, so a process's share is a
+  Poisson sample at rate ``q`` of the indices it owns, and conversely the
+  union of disjoint per-process Poisson samples at rate ``q`` is exactly one
+  Poisson sample at rate ``q`` of the whole dataset: the law of a union of
+  independent Bernoulli(q) coins over disjoint sets is that of one coin per
+  index. That holds whether the processes draw their coins from one shared
+  generator (as ``train`` does, so that every process knows every share's
+  size and pads to one shape without communicating) or from independent ones.
+
+  >>> sample = PoissonSampler(10, 5, seed=0, padded_batch_size=8).pad(
+  ...     np.array([1, 2, 5, 8]))
+  >>> process_share(sample, 0, 2), process_share(sample, 1, 2)
+  (array([2, 8]), array([1, 5]))
+
+  Args:
+    sample: one step's padded Poisson sample of the whole dataset.
+    process_index: this process, in ``[0, num_processes)``.
+    num_processes: the number of processes training together.
+
+  Returns:
+    The owned sampled indices, in increasing order.
+  """
+  if not 0 <= process_index < num_processes:
+    raise ValueError(f'process_index={process_index} must be in [0, '
+                     f'num_processes={num_processes}).')
+  real = np.asarray(sample.indices)[~np.asarray(sample.is_padding_example)]
+  return real[real % num_processes == process_index]
+
+
 class PaddedBatch(NamedTuple):
   """A gathered batch: ``data`` rows at real slots, zeros at padding slots.
 

@@ -38,8 +38,14 @@ def make_report(accountant: accounting.PrivacyAccountant, *, dp: bool,
                 expected_batch_size: float, privacy_unit: str,
                 non_finite_examples_dropped: int,
                 target_epsilon: float | None, noise_seed_source: str,
-                sampler_seed_source: str) -> dict[str, Any]:
+                sampler_seed_source: str, num_devices: int = 1,
+                num_processes: int = 1) -> dict[str, Any]:
   """Assembles the report of a finished (or interrupted) run.
+
+  ``num_devices`` and ``num_processes`` record where the run trained (the
+  last run into the workdir, for a resumed one). They do not enter the
+  epsilon: data-parallel steps release the same mechanism, the noise added
+  once to the sum over all devices.
 
   ``noise_multiplier``, ``sampling_prob`` and ``steps`` describe the main
   phase (the last one); ``phases`` lists every phase composed, pre-training
@@ -51,6 +57,7 @@ def make_report(accountant: accounting.PrivacyAccountant, *, dp: bool,
     return {'dp': False, 'epsilon': None, 'delta': None,
             'privacy_unit': 'none (non-private)',
             'num_examples': num_examples,
+            'num_devices': num_devices, 'num_processes': num_processes,
             'not_covered_by_the_guarantee': ['everything: not trained with DP']}
   phases = accountant.phases
   last = phases[-1] if phases else accounting.Phase(0.0, 0.0, 0)
@@ -75,6 +82,8 @@ def make_report(accountant: accounting.PrivacyAccountant, *, dp: bool,
       'noise_seed_source': noise_seed_source,
       'sampler_seed_source': sampler_seed_source,
       'dp_accounting_version': importlib.metadata.version('dp-accounting'),
+      'num_devices': num_devices,
+      'num_processes': num_processes,
   }
 
 

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from dplh_jax.dp import batch_selection
 from dplh_jax.hyperface import proposals
 from dplh_jax.hyperface.datasets import face_schema
 
@@ -236,9 +237,87 @@ def build_batch(source: Sequence[dict[str, Any]], indices: np.ndarray,
   return batch
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """How one step's Poisson sample is split over processes and devices.
+
+  Attributes:
+    num_processes: processes training together (``jax.process_count()``).
+    process_index: this process.
+    local_shards: data-parallel devices of this process: its part of the
+      batch is split into that many equal blocks, one per device.
+  """
+  num_processes: int = 1
+  process_index: int = 0
+  local_shards: int = 1
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def chunk_size(sampler: batch_selection.PoissonSampler,
+               layout: BatchLayout) -> int:
+  """Slots per chunk of one process's part of the batch.
+
+  One process: the sampler's ``padded_batch_size``. Several: the 99.9%
+  quantile (at ``1e-3 / num_processes``, so that no share overflows with
+  probability at least 0.999) of a share's size, ``Binomial(ceil(n / P),
+  q)``; halving the sampler's size would overflow far more often, since a
+  share's size varies relatively more. Either rounded up to a multiple of
+  ``local_shards``.
+  """
+  num_processes = layout.num_processes
+  if num_processes == 1:
+    size = sampler.padded_batch_size
+  else:
+    size = batch_selection.default_padded_batch_size(
+        -(-sampler.num_examples // num_processes), sampler.sampling_prob,
+        overflow_probability=1e-3 / num_processes)
+  return _round_up(size, layout.local_shards)
+
+
+def local_slots(sample: batch_selection.SampledIndices, slots_per_chunk: int,
+                layout: BatchLayout) -> tuple[np.ndarray, np.ndarray]:
+  """``(indices, is_padding_example)``: this process's part of the batch.
+
+  The process keeps its share of the sample
+  (``batch_selection.process_share``: indices ``i % num_processes ==
+  process_index``), so across processes every sampled image is in exactly
+  one slot, and it reads only those images. Every process pads to the same
+  length, ``chunks * slots_per_chunk`` (:func:`chunk_size`), with
+  ``chunks`` the fewest that hold the largest share: every process holds
+  the whole sample (shared sampler entropy), so all compute that shape
+  without communicating. The real images are dealt round-robin to the
+  ``local_shards`` equal blocks, padding last in each, so each device gets
+  as many images as the others give or take one; a device's chunks of
+  padding only are skipped. The order of slots changes only the order of
+  the sum: each image's randomness follows its index, not its slot
+  (docs/DESIGN.md, Privacy rules, rule 8). With one process and one shard
+  these are the sampler's own slots.
+  """
+  num_processes, shards = layout.num_processes, layout.local_shards
+  if slots_per_chunk % shards:
+    raise ValueError(f'slots_per_chunk={slots_per_chunk} is not a multiple '
+                     f'of local_shards={shards}; use chunk_size().')
+  mine = batch_selection.process_share(sample, layout.process_index,
+                                       num_processes)
+  real = np.asarray(sample.indices)[~np.asarray(sample.is_padding_example)]
+  largest = int(np.bincount(real % num_processes,
+                            minlength=num_processes).max())
+  chunks = max(1, -(-largest // slots_per_chunk))
+  block = chunks * slots_per_chunk // shards
+  indices = np.full((shards, block), batch_selection.PADDING_INDEX, np.int64)
+  for shard in range(shards):
+    dealt = mine[shard::shards]
+    indices[shard, :len(dealt)] = dealt
+  indices = indices.reshape(-1)
+  return indices, indices == batch_selection.PADDING_INDEX
+
+
 def train_batches(source: Sequence[dict[str, Any]], sampler: Any,
                   config: PipelineConfig, *, seed: int, start_step: int,
-                  num_steps: int
+                  num_steps: int, layout: BatchLayout | None = None
                   ) -> Iterator[tuple[int, dict[str, np.ndarray], dict]]:
   """``(step, batch, sampler_state)`` for steps ``start_step..num_steps-1``.
 
@@ -251,14 +330,22 @@ def train_batches(source: Sequence[dict[str, Any]], sampler: Any,
     seed: seed of the proposal/flip randomness (not of the sampler).
     start_step: step number of the first batch (for resuming).
     num_steps: the step after the last one.
+    layout: several devices or processes: each batch is this process's
+      part (:func:`local_slots`), and only its images are read. None: the
+      sampler's slots, as one device.
 
   Each item carries the sampler state right after its own draw, so a
   checkpoint saved after training that step restores the sampler exactly
   there, even when batches are prefetched ahead in another thread.
   """
+  slots_per_chunk = chunk_size(sampler, layout) if layout else None
   for step in range(start_step, num_steps):
-    indices, is_padding_example = sampler.sample()
+    sample = sampler.sample()
     state = sampler.state_dict()
+    indices, is_padding_example = sample
+    if layout is not None:
+      indices, is_padding_example = local_slots(sample, slots_per_chunk,
+                                                layout)
     yield step, build_batch(source, indices, is_padding_example, config,
                             seed=seed, step=step), state
 

@@ -51,6 +51,7 @@ def run_info() -> dict[str, Any]:
       'packages': {p: _version(p) for p in PACKAGES},
       'git_commit': git_commit(),
       'devices': [str(d) for d in jax.devices()],
+      # Devices and processes visible; train records those it trains on.
       'num_devices': jax.device_count(),
       'num_processes': jax.process_count(),
   }

@@ -31,6 +31,15 @@ the checkpoint's counters disagree (train step = steps accounted = noise draws =
 sampler draws) or its accountant holds another (sigma, q), so the report always
 counts exactly the steps trained (docs/DESIGN.md, Privacy rules, rule 6). Metric
 lines of replayed steps replace the dead run's (``metric_writer``).
+
+Devices and processes (``parallel``). By default the step is data parallel
+over every device of every process: the padded batch sharded along a
+``'data'`` mesh axis, each device clipping and summing its block, the sums
+added, the noise added once to the global sum from one replicated key.
+``config.num_devices`` takes fewer (one process). With several processes,
+each trains on its share of each Poisson sample, all agree on the noise key
+and the sampler's seed (drawn on process 0, broadcast), only process 0 writes
+the report, metrics and config.json, and all save and restore checkpoints.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -55,7 +65,6 @@ from dplh_jax.dp import one_pass_clipping
 from dplh_jax.dp import per_example
 from dplh_jax.dp import privacy_plan
 from dplh_jax.dp import privacy_report
-from dplh_jax.dp import run_binding
 from dplh_jax.dp.batch_selection import PoissonSampler
 from dplh_jax.hyperface import chance_baseline
 from dplh_jax.hyperface import checkpoint
@@ -67,6 +76,7 @@ from dplh_jax.hyperface import losses
 from dplh_jax.hyperface import metric_writer
 from dplh_jax.hyperface import metrics as metrics_lib
 from dplh_jax.hyperface import model_setup
+from dplh_jax.hyperface import parallel
 from dplh_jax.hyperface import progress as progress_lib
 from dplh_jax.hyperface import models
 from dplh_jax.hyperface import workdir as workdir_lib
@@ -137,11 +147,18 @@ def clipped_sum_fn(spec: StepSpec):
       spec.l2_norm_clip, has_aux=True, microbatch_size=spec.microbatch_size)
 
 
-def make_train_step(spec: StepSpec):
-  """The pure step ``(state, batch, rng) -> (state, metrics)``."""
+def make_train_step(spec: StepSpec, mesh: jax.sharding.Mesh | None = None):
+  """The pure step ``(state, batch, rng) -> (state, metrics)``.
+
+  With a ``mesh``, the batch is sharded along its ``'data'`` axis: each
+  device clips and sums its block and the sums are added
+  (``parallel.sharded_clipped_sum``) before the noise, added once.
+  """
   example_loss = functools.partial(losses.loss_from_outputs,
                                    weighting=spec.weighting)
   clipped_sum = clipped_sum_fn(spec) if spec.dp else None
+  if clipped_sum is not None and mesh is not None:
+    clipped_sum = parallel.sharded_clipped_sum(clipped_sum, mesh)
   # The construction key is never read by update(): the key is in the state.
   tx = make_optimizer(spec, noise_key=0)
 
@@ -192,9 +209,23 @@ def make_train_step(spec: StepSpec):
 
 
 @functools.lru_cache(maxsize=4)
-def compiled_train_step(spec: StepSpec):
-  """The jitted step for ``spec``, shared by every run with that spec."""
-  return jax.jit(make_train_step(spec), donate_argnums=0)
+def compiled_train_step(spec: StepSpec,
+                        mesh: jax.sharding.Mesh | None = None):
+  """The jitted step for ``spec`` (on ``mesh``), shared by every run with
+  that spec and mesh.
+
+  On a mesh the state, the key and the metrics are replicated and the batch
+  sharded along ``'data'``, fixed here so a resumed run (whose restored
+  state has the template's shardings) reuses the one compiled step.
+  """
+  step = make_train_step(spec, mesh)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  data = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS))
+  return jax.jit(step, in_shardings=(replicated, data, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=4)
@@ -228,7 +259,18 @@ def evaluate(eval_step, params, source, pipeline_config, config) -> dict:
 
 
 def _to_python(tree) -> dict:
-  return {k: float(v) for k, v in jax.device_get(tree).items()}
+  return {k: float(v)
+          for k, v in jax.device_get(parallel.local_copy(tree)).items()}
+
+
+class _NoWriter:
+  """What a process other than the main one writes: nothing."""
+
+  def write(self, *args, **kwargs) -> None:
+    del args, kwargs
+
+  def close(self) -> None:
+    pass
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -264,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checkpoints intact.
   """
   workdir_lib.check_workdir_writable(workdir)
-  with run_binding.WorkdirLock(workdir):
+  with parallel.WorkdirLock(workdir, jax.process_index()):
     return _train_and_evaluate(config, workdir, data)
 
 
@@ -280,10 +322,13 @@ def _train_and_evaluate(config, workdir, data):
 def _run(config, workdir, data, checkpointer):
   config_dict, record = workdir_lib.bind_workdir(config, workdir, checkpointer)
   config_validation.validate_config(config)
-  if record is None:
-    workdir_lib.write_config(config_dict, workdir)
-  if data is None:
-    data = data_loading.load_data(config)
+  layout = parallel.make_layout(config.num_devices)
+  say = functools.partial(print, file=sys.stderr, flush=True) if (
+      layout.is_main) else lambda *args, **kwargs: None
+  if record is None and layout.is_main:
+    workdir_lib.write_config(config_dict, workdir, layout.describe())
+  if data is None:  # The main process prepares the dataset, if need be.
+    data = parallel.main_first(lambda: data_loading.load_data(config), layout)
   num_examples = len(data.train)
   model, weighting = model_setup.build_model(config)
   accountant = accounting.PrivacyAccountant(config.accountant)
@@ -294,17 +339,18 @@ def _run(config, workdir, data, checkpointer):
       noise_multiplier=config.noise_multiplier,
       target_epsilon=config.target_epsilon, delta=config.delta,
       accountant=config.accountant, spent=accountant)
+  # One key and one sampler seed for all processes (drawn on process 0).
   noise_key, noise_source = noise_keys.secret_key(config.noise_seed)
-  sampler_source = noise_keys.seed_source(config.sampler_seed)
+  sampler_seed, sampler_source = noise_keys.secret_seed(config.sampler_seed)
   spec = StepSpec.from_config(config, model, weighting, plan.noise_multiplier)
   tx = make_optimizer(spec, noise_key)
   params = model_setup.init_params(config, model)
-  # Committed to the device like a restored checkpoint, so a resumed run
-  # reuses the compiled step instead of compiling a second one.
-  state = jax.device_put(TrainState(jnp.int32(0), params, tx.init(params)),
-                         jax.devices()[0])
+  # Committed (replicated on the mesh) like a restored checkpoint, so a
+  # resumed run reuses the compiled step instead of compiling a second one.
+  state = parallel.put_replicated(
+      TrainState(jnp.int32(0), params, tx.init(params)), layout)
   sampler = PoissonSampler(num_examples, config.expected_batch_size,
-                           seed=config.sampler_seed)
+                           seed=sampler_seed)
   if record is not None:
     try:
       state, record = checkpointer.restore(state)
@@ -319,15 +365,20 @@ def _run(config, workdir, data, checkpointer):
     # The restored key and sampler state come from the first run's seeds.
     noise_source = record['noise_seed_source']
     sampler_source = record['sampler_seed_source']
-    print(f'Resumed from step {int(state.step)}.', file=sys.stderr)
+    say(f'Resumed from step {int(parallel.local_copy(state.step))}.')
+    if record.get('layout', layout.describe()) != layout.describe():
+      say(f'Note: resumed on {layout.describe()}, the checkpoint was written '
+          f'on {record["layout"]}: the replayed steps match the first run\'s '
+          'to float32 rounding (order of the sums), not bit for bit.')
 
   def checkpoint_record(sampler_state):
     return {'sampler': sampler_state, 'accountant': accountant.to_dict(),
             'noise_seed_source': noise_source,
             'sampler_seed_source': sampler_source,
-            'privacy_plan': dataclasses.asdict(plan), 'config': config_dict}
+            'privacy_plan': dataclasses.asdict(plan), 'config': config_dict,
+            'layout': layout.describe()}
 
-  start = int(state.step)
+  start = int(parallel.local_copy(state.step))
   if start > plan.num_steps:
     raise ValueError(f'The checkpoint in {workdir} is at step {start}, past '
                      f'the {plan.num_steps} steps this config plans; use a '
@@ -339,39 +390,47 @@ def _run(config, workdir, data, checkpointer):
     if planned_epsilon > config.target_epsilon:
       raise ValueError(f'The plan would spend epsilon={planned_epsilon:.4f} '
                        f'> target_epsilon={config.target_epsilon}.')
-  print(f'Plan: {plan.num_steps} steps, q={plan.sampling_prob:.5f}, '
-        f'noise_multiplier={plan.noise_multiplier:.4f}, {num_examples} '
-        'training images.', file=sys.stderr, flush=True)
+  devices = (f' on {layout.num_devices} devices' if layout.num_devices > 1
+             else '') + (f' in {layout.num_processes} processes'
+                         if layout.num_processes > 1 else '')
+  say(f'Plan: {plan.num_steps} steps, q={plan.sampling_prob:.5f}, '
+      f'noise_multiplier={plan.noise_multiplier:.4f}, {num_examples} '
+      f'training images{devices}.')
   if plan.num_steps < plan.requested_steps:
-    print(f'Warning: target_epsilon={config.target_epsilon} at '
-          f'noise_multiplier={plan.noise_multiplier} pays for only '
-          f'{plan.num_steps} of the {plan.requested_steps} steps that '
-          f'num_epochs={config.num_epochs} asks for; training stops there.',
-          file=sys.stderr, flush=True)
+    say(f'Warning: target_epsilon={config.target_epsilon} at '
+        f'noise_multiplier={plan.noise_multiplier} pays for only '
+        f'{plan.num_steps} of the {plan.requested_steps} steps that '
+        f'num_epochs={config.num_epochs} asks for; training stops there.')
   if record is None:
     # Bound before the first step: a run killed before its first periodic
     # checkpoint resumes here, with this noise key and sampler state, and
     # replays the same steps instead of drawing a fresh key.
     checkpointer.save(0, state, checkpoint_record(sampler.state_dict()))
 
-  train_step = compiled_train_step(spec)
+  train_step = compiled_train_step(spec, layout.mesh)
   base_rng = jax.random.key(config.seed)
   # Metrics of the steps this run replays were written by the dead run; so
   # was the final evaluation, if a finished run is resumed.
   writer = metric_writer.MetricWriter(
       workdir, resume_step=start,
-      rewritten_splits=('eval',) if start == plan.num_steps else ())
+      rewritten_splits=('eval',) if start == plan.num_steps else ()) if (
+          layout.is_main) else _NoWriter()
   batches = input_pipeline.prefetch(input_pipeline.train_batches(
       data.train, sampler, data.pipeline_config, seed=config.seed,
-      start_step=start, num_steps=plan.num_steps))
+      start_step=start, num_steps=plan.num_steps,
+      layout=layout.batch_layout if layout.mesh is not None else None))
   timer_start, timer_steps = time.time(), 0
   progress = progress_lib.Progress(plan.num_steps, start)
   # From here a signal stops the run at the end of the step in flight, with
   # a checkpoint there; before (data, compilation) it acts as usual.
-  with interrupts.StopOnSignal() as stop:
+  with interrupts.StopOnSignal() as stop, parallel.CompileCounter(
+      'train_step') as counter:
     for step, batch, sampler_state in batches:
-      state, step_metrics = train_step(state, batch,
-                                       jax.random.fold_in(base_rng, step))
+      rng = jax.random.fold_in(base_rng, step)
+      if layout.mesh is not None:
+        batch, rng = (parallel.global_batch(batch, layout),
+                      parallel.put_replicated(rng, layout))
+      state, step_metrics = train_step(state, batch, rng)
       if config.dp:
         accountant.compose(plan.noise_multiplier, plan.sampling_prob, 1)
       timer_steps += 1
@@ -383,38 +442,40 @@ def _run(config, workdir, data, checkpointer):
         epsilon = accountant.epsilon(config.delta) if config.dp else None
         writer.write(done, 'train', step_metrics | {
             'steps_per_second': rate, 'epsilon': epsilon})
-        progress.print(done, epsilon, step_metrics)
+        if layout.is_main:
+          progress.print(done, epsilon, step_metrics)
         timer_start, timer_steps = time.time(), 0
       if (config.eval_every and done % config.eval_every == 0
           and done < plan.num_steps):  # The final evaluation follows the loop.
         writer.write(done, 'eval', evaluate(
-            compiled_eval_step(model), state.params, data.test,
-            data.pipeline_config, config))
+            compiled_eval_step(model), parallel.local_copy(state.params),
+            data.test, data.pipeline_config, config))
+      # Every process must stop at the same step (checkpoints and the step
+      # are collectives), whichever received the signal.
+      stop_now = parallel.any_process(stop.requested, layout)
       if (done % config.checkpoint_every == 0 or done == plan.num_steps
-          or stop.requested):
+          or stop_now):
         try:
           checkpointer.save(done, state, checkpoint_record(sampler_state))
         except checkpoint.CheckpointNotSaved:
           writer.close()  # A resume replaces the lines after its checkpoint.
           raise
-      if stop.requested and done < plan.num_steps:
+      if stop_now and done < plan.num_steps:
         writer.close()
-        raise interrupts.TrainingInterrupted(done, stop.signal_number)
-  compiles = train_step._cache_size()  # pylint: disable=protected-access
-  if compiles > 1:  # One per run is expected; more means shapes changed.
-    print(f'Warning: the train step compiled {compiles} times.',
-          file=sys.stderr)
+        raise interrupts.TrainingInterrupted(
+            done, stop.signal_number or signal.SIGTERM)  # another process's
+  if counter.compiles > 1:  # One per run is expected; more: shapes changed.
+    say(f'Warning: the train step compiled {counter.compiles} times.')
 
-  eval_metrics = evaluate(compiled_eval_step(model), state.params,
+  # Every process evaluates its own copy of the params (they are
+  # replicated), on its first device; only the main one writes.
+  eval_metrics = evaluate(compiled_eval_step(model),
+                          parallel.local_copy(state.params),
                           data.test, data.pipeline_config, config)
   writer.write(int(state.step), 'eval', eval_metrics)
   writer.close()
-  # Fitted on the evaluated images themselves, not on training images: the
-  # baseline printed beside the metrics reads no private data.
-  test_images = eval_images(data.test, config)
-  baseline = chance_baseline.constant_metrics(
-      test_images, test_images, data.pipeline_config, config)
-  non_finite = (int(dp_transform.dp_state(state.opt_state).total_non_finite)
+  non_finite = (int(parallel.local_copy(
+      dp_transform.dp_state(state.opt_state).total_non_finite))
                 if config.dp else 0)
   report = privacy_report.make_report(
       accountant, dp=config.dp, delta=config.delta,
@@ -423,8 +484,14 @@ def _run(config, workdir, data, checkpointer):
       privacy_unit=config.privacy_unit,
       non_finite_examples_dropped=non_finite,
       target_epsilon=config.target_epsilon, noise_seed_source=noise_source,
-      sampler_seed_source=sampler_source)
-  privacy_report.write_report(report,
-                              os.path.join(workdir, 'privacy_report.json'))
+      sampler_seed_source=sampler_source, **layout.describe())
+  if layout.is_main:
+    privacy_report.write_report(report,
+                                os.path.join(workdir, 'privacy_report.json'))
+  # Fitted on the evaluated images themselves, not on training images: the
+  # baseline printed beside the metrics reads no private data.
+  test_images = eval_images(data.test, config)
+  baseline = chance_baseline.constant_metrics(
+      test_images, test_images, data.pipeline_config, config)
   return {'eval': eval_metrics, 'privacy': report, 'state': state,
           'baseline': baseline}

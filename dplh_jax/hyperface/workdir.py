@@ -32,10 +32,21 @@ from dplh_jax.hyperface import writable
 #   any checkpoint reproduces the same steps.
 # * data_dir: where the same TFDS dataset is stored (the dataset name and
 #   num_train_examples still bind; the plan check below catches another size).
+# * num_devices: how many devices the step is sharded over. The replay on
+#   another count samples the same images (the sampler does not depend on
+#   it) and adds the same noise (the same key, drawn replicated), to the
+#   same clipped sum summed in another order: it matches to float32
+#   rounding, as a resume on other hardware (another GPU model, CPU instead
+#   of GPU) does, which a workdir cannot bind either. The process count is
+#   not a field and does not bind for the same reason. Binding them would
+#   keep a preempted job from resuming on a smaller or larger slice. The
+#   run prints a note when it resumes on another layout (the checkpoint
+#   records it).
 # The evaluation fields (eval_every, eval_batch_size, num_eval_examples) are
 # NOT here: they change which evaluations of the params are released, and on
 # what, so a resume must not change them either.
-RESUMABLE_FIELDS = frozenset({'log_every', 'checkpoint_every', 'data_dir'})
+RESUMABLE_FIELDS = frozenset({'log_every', 'checkpoint_every', 'data_dir',
+                              'num_devices'})
 
 
 def check_workdir_writable(workdir: str) -> None:
@@ -78,12 +89,15 @@ def bind_workdir(config: ml_collections.ConfigDict, workdir: str,
   return current, record
 
 
-def write_config(config_dict: dict[str, Any], workdir: str) -> None:
+def write_config(config_dict: dict[str, Any], workdir: str,
+                 layout: dict[str, int] | None = None) -> None:
   """``workdir/config.json``: ``{"config": the resolved config (what the
-  workdir is bound to), "run": run_info.run_info() (what it ran on)}``."""
+  workdir is bound to), "run": run_info.run_info() (what it ran on; with
+  ``layout``, its ``num_devices`` and ``num_processes`` are the run's)}``."""
   path = os.path.join(workdir, 'config.json')
   with open(path + '.tmp', 'w') as f:
-    json.dump({'config': config_dict, 'run': run_info.run_info()}, f,
+    json.dump({'config': config_dict,
+               'run': run_info.run_info() | (layout or {})}, f,
               sort_keys=True, indent=2)
     f.write('\n')
   os.replace(path + '.tmp', path)

@@ -62,6 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Images per chunk. None: the whole padded batch at once (fastest on CPU,
   # where loops run slower); set it to bound memory for large batches.
   config.microbatch_size = config_dict.placeholder(int)
+  # Data-parallel devices: 0 = every device of every process (the batch is
+  # sharded along a 'data' mesh axis, noise added once to the summed clipped
+  # gradients); n = the first n devices of the one process. A resume may
+  # change it (README, "Several devices and hosts").
+  config.num_devices = 0
 
   # Randomness. Model init, dropout and proposals follow `seed`. The DP noise
   # and the Poisson sampler draw from OS entropy unless their seeds are set:
