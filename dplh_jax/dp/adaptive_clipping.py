@@ -35,13 +35,23 @@ which is larger and would understate epsilon).
 Why the sum is in units of ``C``: the noise is calibrated to a sensitivity
 of 1 whatever ``C`` the examples were clipped to, so a ``ClippedSum`` clipped
 to another (data-independent) ``C`` than the state's would still be
-private; it would only scale the step. Such a mismatch is caught anyway: a
-``ClippedSum`` carries a ``clip_plan.ClipNormTag`` (``C`` summed over its
-slots, and the slot count), checked against the state's ``C`` to relative
-1e-5; a mismatch raises when the values are concrete and, under ``jit``
-(where nothing can raise), turns the update into NaN and leaves ``C``
-unchanged. The check reads only ``C`` values and shapes, never data. Read ``C`` with :func:`current_clip_norm` from the
-state being updated and it always matches::
+private; it would only scale the step. A traced ``C`` is clamped into
+[1e-30, 1e30] before clipping (``clip_plan``), so even a wrong one (0, NaN)
+cannot make the sum depend on the data beyond that sensitivity. Misuse is
+detected as well: a ``ClippedSum`` carries a ``clip_plan.ClipNormTag``
+(``C`` and ``1/C`` summed over its slots, and the slot count), checked
+against the state's ``C`` to relative 1e-5; both sums match only if every
+slot used that ``C``, up to float32 rounding (a slot off by a relative
+``d`` can pass when ``d**2`` is below ~2e-5 times the slot count). A
+mismatch raises when the values are concrete; under ``jit`` (where nothing
+can raise) the update becomes NaN, ``C`` is kept and
+``clip_norm_mismatches`` counts it, while the noisy count is still drawn,
+``unclipped_fraction`` stored and ``num_updates`` incremented (the step is
+still a private, accounted release). The NaN is permanent downstream: an
+optimizer such as Adam keeps NaN moments, so restart from a checkpoint. The
+check reads only ``C`` values and shapes, never data. Read ``C`` with
+:func:`current_clip_norm` from the state being updated and it always
+matches::
 
     tx = optax.chain(adaptive_clipping.dp_aggregate_adaptive(
         1.0, noise_multiplier=1.1, expected_batch_size=256, key=key),
@@ -109,14 +119,9 @@ def gradient_noise_multiplier(noise_multiplier: float,
   return (z**-2 - (2 * sigma_b)**-2)**-0.5
 
 
-def _float32_within(low: float, high: float) -> tuple[np.float32, np.float32]:
-  """The smallest float32 >= low and the largest <= high."""
-  low32, high32 = np.float32(low), np.float32(high)
-  if low32 < low:
-    low32 = np.nextafter(low32, np.float32(np.inf))
-  if high32 > high:
-    high32 = np.nextafter(high32, np.float32(0))
-  return low32, high32
+# Beyond this eta only saturates exp() further; past float32's range it makes
+# eta * 0 = inf * 0 = NaN when the noisy fraction equals gamma.
+MAX_CLIP_LEARNING_RATE = 1e3
 
 
 def dp_aggregate_adaptive(
@@ -163,8 +168,8 @@ def dp_aggregate_adaptive(
       noise key, a count noise key and the key it stores.
     target_unclipped_quantile: ``gamma`` in [0, 1], the fraction of examples
       meant to be unclipped.
-    clip_learning_rate: ``eta`` >= 0 (``C`` changes by at most ``exp(eta)``
-      per update).
+    clip_learning_rate: ``eta`` in [0, 1e3] (``C`` changes by at most
+      ``exp(eta)`` per update).
     count_stddev: ``sigma_b``, std of the count's noise; default
       ``expected_batch_size / 20`` (Andrew et al.). Must exceed ``z / 2``.
     min_l2_norm_clip, max_l2_norm_clip: ``C`` is clamped to this range,
@@ -192,7 +197,7 @@ def dp_aggregate_adaptive(
     raise ValueError(f'initial_l2_norm_clip={initial:g} must be in '
                      f'[min_l2_norm_clip, max_l2_norm_clip] = [{low:g}, '
                      f'{high:g}].')
-  low32, high32 = _float32_within(low, high)
+  low32, high32 = clip_norms.float32_within(low, high)
   if low32 > high32:
     raise ValueError(f'No float32 lies in [min_l2_norm_clip, '
                      f'max_l2_norm_clip] = [{low:g}, {high:g}]; widen it.')
@@ -202,6 +207,10 @@ def dp_aggregate_adaptive(
                      f'{target_unclipped_quantile}.')
   eta = clip_norms.check_positive('clip_learning_rate', clip_learning_rate,
                                   allow_zero=True)
+  if eta > MAX_CLIP_LEARNING_RATE:
+    raise ValueError(f'clip_learning_rate={eta:g} exceeds '
+                     f'{MAX_CLIP_LEARNING_RATE:g}, where exp(-eta * ...) '
+                     'saturates float32; lower it (default 0.2).')
   initial_key = dp_transform.canonicalize_key(key)
   initial32 = np.clip(np.float32(initial), low32, high32)
 

@@ -30,6 +30,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Exponent of a zero norm: below any real one, so it never sets the scale of
 # a combination, and 2**ZERO_EXPONENT is 0 in float32.
@@ -150,7 +151,11 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> float:
 
 def check_l2_norm_clip(l2_norm_clip: float, name: str = 'l2_norm_clip'
                        ) -> float:
-  """Returns the clip norm as a float, or raises unless 1e-30 <= C <= 1e30."""
+  """Returns the clip norm as a float, or raises unless 1e-30 <= C <= 1e30
+  (a bool is refused: ``True`` would silently clip to 1)."""
+  if isinstance(l2_norm_clip, (bool, np.bool_)):
+    raise ValueError(f'{name} must be a number, not the bool '
+                     f'{l2_norm_clip!r}; pass e.g. 1.0.')
   l2_norm_clip = check_positive(name, l2_norm_clip)
   if not MIN_NOISE_STD <= l2_norm_clip <= MAX_L2_NORM_CLIP:
     raise ValueError(
@@ -158,6 +163,18 @@ def check_l2_norm_clip(l2_norm_clip: float, name: str = 'l2_norm_clip'
         f'got {l2_norm_clip}: outside it float32 sums overflow or the noise '
         'underflows.')
   return l2_norm_clip
+
+
+def float32_within(low: float, high: float) -> tuple[np.float32, np.float32]:
+  """The smallest float32 >= ``low`` and the largest <= ``high``, compared in
+  float64 (under NEP 50 ``np.float32(1e30) > 1e30`` compares in float32 and
+  is False, though the float32 is above 1e30)."""
+  low32, high32 = np.float32(low), np.float32(high)
+  if float(low32) < low:
+    low32 = np.nextafter(low32, np.float32(np.inf))
+  if float(high32) > high:
+    high32 = np.nextafter(high32, np.float32(0))
+  return low32, high32
 
 
 @dataclasses.dataclass(frozen=True)

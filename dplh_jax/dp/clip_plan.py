@@ -64,14 +64,22 @@ def sensitivity(l2_norm_clip: ClipSpec) -> float:
 
 class ClipNormTag(NamedTuple):
   """What an adaptive ``ClippedSum`` records of the ``C`` it was clipped to,
-  in additive form (so it survives ``jnp.add`` and ``psum`` of chunks):
-  ``C`` once per batch slot, padding included.
+  in additive form (so it survives ``jnp.add`` and ``psum`` of chunks): per
+  batch slot, padding included, ``C`` and ``1/C``.
+
+  Two sums, because one can be fooled: slots at ``1.5 C`` and ``0.5 C`` sum
+  to ``C`` per slot. Both match ``n C`` and ``n / C`` only if every slot was
+  clipped to ``C`` (up to float32 rounding): the arithmetic and harmonic
+  means of the slots' values agree only when they are all equal. ``1/C``
+  rather than ``C**2``, which overflows float32 above ``C ~ 1.8e19``.
 
   Attributes:
     clip_norm_sum: float32 ``sum over slots of C``.
+    inverse_clip_norm_sum: float32 ``sum over slots of 1/C``.
     num_slots: int32 number of slots (a static shape: public).
   """
   clip_norm_sum: jax.Array
+  inverse_clip_norm_sum: jax.Array
   num_slots: jax.Array
 
 
@@ -82,16 +90,23 @@ TAG_RTOL = 1e-5
 
 def clip_norm_tag(clip_norm: jax.Array, num_slots: int) -> ClipNormTag:
   """The tag of ``num_slots`` slots clipped to ``clip_norm``."""
-  return ClipNormTag(jnp.asarray(clip_norm, jnp.float32) * num_slots,
+  clip_norm = jnp.asarray(clip_norm, jnp.float32)
+  return ClipNormTag(clip_norm * num_slots, num_slots / clip_norm,
                      jnp.asarray(num_slots, jnp.int32))
 
 
 def tag_matches(tag: ClipNormTag, clip_norm: jax.Array) -> jax.Array:
-  """Whether every slot was clipped to ``clip_norm`` (relative 1e-5). It
-  reads only ``C`` values and shapes, so its outcome reveals no data."""
-  expected = jnp.asarray(clip_norm, jnp.float32) * tag.num_slots.astype(
-      jnp.float32)
-  return jnp.abs(tag.clip_norm_sum - expected) <= TAG_RTOL * expected
+  """Whether every slot was clipped to ``clip_norm`` (both sums to relative
+  1e-5; False if either is NaN). It reads only ``C`` values and shapes, so
+  its outcome reveals no data."""
+  clip_norm = jnp.asarray(clip_norm, jnp.float32)
+  slots = tag.num_slots.astype(jnp.float32)
+
+  def close(value, expected):
+    return jnp.abs(value - expected) <= TAG_RTOL * expected
+
+  return (close(tag.clip_norm_sum, clip_norm * slots)
+          & close(tag.inverse_clip_norm_sum, slots / clip_norm))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,13 +213,20 @@ def plan(l2_norm_clip: ClipSpec, tree: PyTree,
 
 
 def _checked_clip_norm(clip_norm: Any) -> jax.Array:
-  """The adaptive ``C`` as a float32 scalar; checked for range when it is
-  concrete (a traced one comes from the transform's state, which keeps it in
-  [1e-30, 1e30]; one that does not is caught by the transform's tag check)."""
+  """The adaptive ``C`` as a float32 scalar in [1e-30, 1e30]: checked when it
+  is concrete, clamped when traced. The clamp is what keeps a traced ``C``
+  that does not come from the transform's state private: at ``C = 0`` an
+  example with a zero gradient would add ``0 * (1/0) = NaN``, a
+  data-dependent output the noise does not cover; clamped, every example
+  adds at most 1 whatever ``C`` is (a NaN ``C`` becomes 1e30). The tag check
+  then catches the misuse, but privacy does not rest on it."""
   clip_norm = jnp.asarray(clip_norm, jnp.float32)
   if clip_norm.shape != ():
     raise ValueError(f'clip_norm must be a scalar, got shape '
                      f'{clip_norm.shape}.')
   if not isinstance(clip_norm, jax.core.Tracer):
     clip_norms.check_l2_norm_clip(float(clip_norm), 'clip_norm')
-  return clip_norm
+    return clip_norm
+  low, high = clip_norms.float32_within(clip_norms.MIN_NOISE_STD,
+                                        clip_norms.MAX_L2_NORM_CLIP)
+  return jnp.clip(jnp.where(jnp.isnan(clip_norm), high, clip_norm), low, high)

@@ -63,10 +63,12 @@ class GroupAssignment:
 
   Attributes:
     norms: ``(group, C_g)`` pairs, in the order of the specification.
-    leaves: ``('a/b/kernel', group)`` per parameter, sorted by path.
+    leaves: ``(('a', 'b', 'kernel'), group)`` per parameter, sorted by
+      path; paths stay tuples, since joined with '/' ``{'a/b': {'c': ..}}``
+      and ``{'a': {'b/c': ..}}`` would compare equal.
   """
   norms: tuple[tuple[str, float], ...]
-  leaves: tuple[tuple[str, str], ...]
+  leaves: tuple[tuple[Path, str], ...]
 
   @property
   def total_l2_norm_clip(self) -> float:
@@ -133,8 +135,9 @@ class GroupClipNorms:
   @classmethod
   def from_function(cls, group_of: Callable[[Path], str],
                     norms: Mapping[str, float]) -> GroupClipNorms:
-    """``group_of(path)`` names each parameter's group, a key of ``norms``;
-    ``path`` is a tuple of strings such as ``('params', 'Dense_0', 'bias')``.
+    """``group_of(path)`` names each parameter's group, a string key of
+    ``norms``; ``path`` is a tuple of strings such as
+    ``('params', 'Dense_0', 'bias')``.
 
     >>> clip = GroupClipNorms.from_function(
     ...     lambda path: path[-1], {'kernel': 3.0, 'bias': 4.0})
@@ -144,7 +147,12 @@ class GroupClipNorms:
     if not callable(group_of):
       raise TypeError(f'group_of must map a parameter path to a group name, '
                       f'got {group_of!r}.')
-    return cls(norms=tuple((str(name), _norm(str(name), value))
+    for name in norms:
+      if not isinstance(name, str):
+        raise TypeError(f'Clip group names must be strings, got {name!r}; '
+                        'name the groups (and return the names from '
+                        'group_of) as strings.')
+    return cls(norms=tuple((name, _norm(name, value))
                            for name, value in norms.items()),
                group_of=group_of)
 
@@ -164,6 +172,9 @@ class GroupClipNorms:
                          'clip norm tree; give every parameter a group.')
       return matches[0]  # prefixes never nest: at most one matches
     name = self.group_of(path)
+    if not isinstance(name, str):
+      raise TypeError(f'group_of maps parameter {"/".join(path)} to '
+                      f'{name!r}, not a string; return one of {names}.')
     if name not in names:
       raise ValueError(f'group_of maps parameter {"/".join(path)} to group '
                        f'{name!r}, which has no clip norm; known groups: '
@@ -181,7 +192,7 @@ class GroupClipNorms:
       raise ValueError(f'Clip groups {empty} hold no parameter but would '
                        'count in the sensitivity; remove them.')
     assignment = GroupAssignment(self.norms, tuple(sorted(
-        ('/'.join(path), self.norms[g][0]) for path, g in zip(paths, groups))))
+        (path, self.norms[g][0]) for path, g in zip(paths, groups))))
     return groups, assignment
 
 

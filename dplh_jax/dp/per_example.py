@@ -187,6 +187,13 @@ def microbatched(
         lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
             lambda: clip_chunk(params, first, is_padding_example[:m], *args,
                                clip_norm=clip_norm)))
+    skipped = zero_clipped
+    if skipped.clip_norm_tag is not None:
+      # A skipped chunk's m slots count as clipped to clip_norm (they add
+      # zero, like padding); the chunks that ran carry their own tags, so a
+      # chunk clipper that ignores clip_norm still shows in the total.
+      skipped = dataclasses.replace(
+          skipped, clip_norm_tag=clip_plan.clip_norm_tag(clip_norm, m))
 
     def body(total, chunk_and_padding):
       chunk, padding = chunk_and_padding
@@ -196,7 +203,7 @@ def microbatched(
       # varies with the realized batch size; DP-SGD's guarantee covers the
       # released updates, not timings.)
       clipped, aux = jax.lax.cond(
-          jnp.all(padding), lambda: (zero_clipped, zero_aux),
+          jnp.all(padding), lambda: (skipped, zero_aux),
           lambda: clip_chunk(params, chunk, padding, *args,
                              clip_norm=clip_norm))
       return jax.tree.map(jnp.add, total, clipped), aux
@@ -215,11 +222,6 @@ def microbatched(
       total = jax.tree.map(jnp.add, total, clipped)
       if has_aux:
         aux = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), aux, rest_aux)
-    if total.clip_norm_tag is not None:
-      # Every chunk, skipped or not, was clipped to clip_norm: the tag
-      # counts all n slots, so it depends on C and the shape alone.
-      total = dataclasses.replace(
-          total, clip_norm_tag=clip_plan.clip_norm_tag(clip_norm, n))
     return (total, aux) if has_aux else total
 
   return fused

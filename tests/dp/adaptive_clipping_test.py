@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from dplh_jax.dp import adaptive_clipping
+from dplh_jax.dp import clip_norms
 from dplh_jax.dp import dp_transform
 from dplh_jax.dp import per_example
 from dplh_jax.dp import sensitivity_audit as audit
@@ -157,10 +158,69 @@ def test_a_clip_norm_not_from_the_state_raises_or_poisons_the_update():
   out, new = update(wrong, state)
   assert bool(jnp.all(jnp.isnan(out)))
   assert float(new.clip_norm) == 1.0 and int(new.clip_norm_mismatches) == 1
+  # Chunks of padding are skipped, yet their slots count as clipped to C.
   right = clipped_sum(jnp.zeros(3), grads,
+                      is_padding_example=jnp.arange(5) >= 2,
                       clip_norm=adaptive_clipping.current_clip_norm(state))
   out, new = update(right, state)
   assert bool(jnp.all(jnp.isfinite(out))) and int(new.clip_norm_mismatches) == 0
+
+
+_CLIP_AND_SUM = jax.jit(lambda g, c: dp_transform.clip_and_sum(
+    g, ADAPTIVE, clip_norm=c))
+
+
+def _added(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def test_slots_clipped_to_norms_that_average_to_c_are_refused():
+  """The tag's sum of C alone passes halves at 1.5C / 0.5C or 2C / 0; its
+  sum of 1/C does not."""
+  tx = adaptive_clipping.dp_aggregate_adaptive(1.0, 1.0, 4, key=0,
+                                               count_stddev=2.0)
+  state = tx.init(jnp.zeros(3))
+  grads = jnp.array([[10.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+  for high, low in ((1.5, 0.5), (2.0, 0.0)):
+    halves = _added(_CLIP_AND_SUM(grads, high), _CLIP_AND_SUM(grads, low))
+    with pytest.raises(ValueError, match='another clip norm'):
+      tx.update(halves, state)
+
+
+def test_a_traced_zero_or_nan_clip_norm_is_clamped_not_nan():
+  """C = 0 would add 0 * (1/0) = NaN for a zero gradient (a data-dependent
+  output); clamped into [1e-30, 1e30], each example adds at most 1."""
+  grads = jnp.array([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0]])
+  for clip_norm in (0.0, np.nan, np.inf):
+    clipped = _CLIP_AND_SUM(grads, clip_norm)
+    assert bool(jnp.all(jnp.isfinite(clipped.grad_sum))), clip_norm
+    assert float(jnp.linalg.norm(clipped.grad_sum)) <= 1 + 1e-6
+
+
+def test_microbatched_keeps_the_tag_of_a_chunk_clipper_that_ignores_c():
+  tx = adaptive_clipping.dp_aggregate_adaptive(1.0, 1.0, 4, key=0,
+                                               count_stddev=2.0)
+  state = tx.init(jnp.zeros(3))
+
+  def clip_chunk(params, chunk, padding, clip_norm=None):
+    del params, clip_norm  # clips to 7 whatever C it is given
+    return dp_transform.clip_and_sum(chunk, ADAPTIVE, padding,
+                                     clip_norm=jnp.float32(7.0)), None
+
+  fused = per_example.microbatched(clip_chunk, microbatch_size=2)
+  clipped = fused(None, jnp.full((4, 3), 100.0),
+                  clip_norm=adaptive_clipping.current_clip_norm(state))
+  with pytest.raises(ValueError, match='another clip norm'):
+    tx.update(clipped, state)
+
+
+def test_the_clip_norm_range_is_within_its_bounds_in_float64():
+  """np.float32(1e30) is above 1e30; NEP 50 compares it in float32."""
+  tx = adaptive_clipping.dp_aggregate_adaptive(1e30, 1.0, 4, key=0,
+                                               count_stddev=2.0)
+  assert float(tx.init(jnp.zeros(1)).clip_norm) <= 1e30
+  low32, high32 = clip_norms.float32_within(1e-30, 1e30)
+  assert float(low32) >= 1e-30 and float(high32) <= 1e30
 
 
 def test_fixed_and_adaptive_sums_are_not_interchangeable():
@@ -189,6 +249,8 @@ def test_fixed_and_adaptive_sums_are_not_interchangeable():
     (dict(initial_l2_norm_clip=1e31), 'initial_l2_norm_clip must be in'),
     (dict(min_l2_norm_clip=2.0), r'must be in \[min_l2_norm_clip'),
     (dict(target_unclipped_quantile=1.5), 'target_unclipped_quantile'),
+    (dict(clip_learning_rate=1e300), r'clip_learning_rate=1e\+300 exceeds'),
+    (dict(initial_l2_norm_clip=True), 'not the bool True'),
 ])
 def test_bad_arguments_are_named(kwargs, message):
   args = dict(initial_l2_norm_clip=1.0, noise_multiplier=1.0,

@@ -161,8 +161,35 @@ def test_a_sum_clipped_otherwise_is_refused():
      "clip norm of group 'a' must be finite and > 0"),
     (lambda: group_clipping.GroupClipNorms.from_tree({'a': 1e31, 'b': 1.0}),
      r'must be in \[1e-30, 1e\+30\]'),
+    (lambda: group_clipping.GroupClipNorms.from_tree({'a': True, 'b': 1.0}),
+     'not the bool True'),
 ])
 def test_bad_groupings_are_refused(make, message):
   with pytest.raises(ValueError, match=message):
     dp_transform.clip_and_sum({'a': jnp.ones((2, 2)), 'b': jnp.ones((2, 3))},
                               make())
+
+
+def test_group_names_must_be_strings():
+  with pytest.raises(TypeError, match='names must be strings, got 1'):
+    group_clipping.GroupClipNorms.from_function(lambda p: 1, {1: 1.0})
+  returns_int = group_clipping.GroupClipNorms.from_function(
+      lambda p: 1, {'1': 1.0})
+  with pytest.raises(TypeError, match='to 1, not a string'):
+    returns_int.assign(PARAMS)
+
+
+def test_paths_that_join_alike_are_different_groupings():
+  """{'a/b': {'c'}} and {'a': {'b/c'}} both join to 'a/b/c'."""
+  grads = {'a/b': {'c': jnp.ones((2, 1))}, 'a': {'b/c': jnp.ones((2, 1))}}
+  norms = {'big': 10.0, 'small': 0.1}
+  first = group_clipping.GroupClipNorms.from_function(
+      lambda p: 'big' if p[0] == 'a/b' else 'small', norms)
+  second = group_clipping.GroupClipNorms.from_function(
+      lambda p: 'small' if p[0] == 'a/b' else 'big', norms)
+  assert first.assign(grads)[1] != second.assign(grads)[1]
+  clipped = jax.eval_shape(
+      lambda g: dp_transform.clip_and_sum(g, first), grads)
+  tx = dp_transform.dp_aggregate(second, 1.0, 2, key=0)
+  with pytest.raises(ValueError, match='clip with the same l2_norm_clip'):
+    tx.update(clipped, tx.init(None))
