@@ -270,14 +270,8 @@ def dp_aggregate_adaptive(
 def adaptive_state(opt_state: PyTree) -> AdaptiveClipState:
   """The :class:`AdaptiveClipState` inside an optimizer state, found by
   type; raises unless there is exactly one."""
-  found = [leaf for leaf in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, AdaptiveClipState))
-           if isinstance(leaf, AdaptiveClipState)]
-  if len(found) != 1:
-    raise ValueError(f'Expected one AdaptiveClipState in the optimizer state, '
-                     f'found {len(found)}; is dp_aggregate_adaptive in the '
-                     'chain?')
-  return found[0]
+  return dp_transform.find_state(opt_state, AdaptiveClipState,
+                                 'is dp_aggregate_adaptive in the chain?')
 
 
 def current_clip_norm(opt_state: PyTree) -> jax.Array:

@@ -280,16 +280,27 @@ def dp_aggregate(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def dp_state(opt_state: PyTree) -> DpAggregateState:
-  """The :class:`DpAggregateState` inside an optimizer state (a chain, a
-  ``MultiSteps``, any pytree), found by type; raises unless there is one."""
+def find_state(opt_state: PyTree, state_type: type, hint: str) -> Any:
+  """The one ``state_type`` inside an optimizer state (a chain, a
+  ``MultiSteps``, any pytree), found by type, never by position.
+
+  Raises:
+    ValueError: there is none, or more than one; ``hint`` says what to check.
+  """
   found = [leaf for leaf in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, DpAggregateState))
-           if isinstance(leaf, DpAggregateState)]
+      opt_state, is_leaf=lambda x: isinstance(x, state_type))
+           if isinstance(leaf, state_type)]
   if len(found) != 1:
-    raise ValueError(f'Expected one DpAggregateState in the optimizer state, '
-                     f'found {len(found)}; is dp_aggregate in the chain?')
+    raise ValueError(f'Expected one {state_type.__name__} in the optimizer '
+                     f'state, found {len(found)}; {hint}')
   return found[0]
+
+
+def dp_state(opt_state: PyTree) -> DpAggregateState:
+  """The :class:`DpAggregateState` inside an optimizer state; raises unless
+  there is exactly one."""
+  return find_state(opt_state, DpAggregateState,
+                    'is dp_aggregate in the chain?')
 
 
 def dpsgd(

@@ -200,14 +200,8 @@ def _(axis_size, in_batched, tree):
 def find_private_state(opt_state: PyTree) -> PrivateState:
   """The :class:`PrivateState` inside ``opt_state`` (it may be wrapped, as
   in a Flax ``TrainState``), found by type."""
-  found = [leaf for leaf in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, PrivateState))
-           if isinstance(leaf, PrivateState)]
-  if len(found) != 1:
-    raise ValueError(f'Expected one PrivateState (setup.init) in the '
-                     f'optimizer state, found {len(found)}; was it made by '
-                     'this setup?')
-  return found[0]
+  return dp_transform.find_state(opt_state, PrivateState,
+                                 'was it made by setup.init of this setup?')
 
 
 class PlannedSampler(batch_selection.PoissonSampler):
