@@ -33,8 +33,10 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -72,6 +74,18 @@ def _orbax_errors_hidden():
     logger.removeFilter(quiet)
 
 
+def _remove_unfinished_saves(directory: str) -> None:
+  """Removes the temporary folders of saves that failed half-way (a full
+  disk); finished checkpoints are never temporary. Done here rather than by
+  Orbax's ``cleanup_tmp_directories``, whose background thread logged a
+  traceback when the process ended right after (a refused config)."""
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if '.orbax-checkpoint-tmp' in name:
+      shutil.rmtree(os.path.join(directory, name))
+
+
 class Checkpointer:
   """Saves and restores ``(train_state, record)`` pairs under a directory.
 
@@ -81,14 +95,12 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2):
     self._directory = os.path.abspath(directory)
+    _remove_unfinished_saves(self._directory)
     self._manager = ocp.CheckpointManager(
         self._directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=False,
-            # A save that failed half-way (full disk) leaves a temporary
-            # folder; the next run removes it before looking for checkpoints.
-            cleanup_tmp_directories=True))
+            enable_async_checkpointing=False))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
