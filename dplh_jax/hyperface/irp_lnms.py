@@ -111,14 +111,9 @@ def box_overlap(boxes_a: np.ndarray, boxes_b: np.ndarray,
     return proposals.box_iou(boxes_a, boxes_b)
   if overlap != 'min':
     raise ValueError(f"overlap={overlap!r}: use 'iou' or 'min'.")
-  a = np.asarray(boxes_a, np.float64)[:, None, :]
-  b = np.asarray(boxes_b, np.float64)[None, :, :]
-  overlap_w = np.clip(np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2])
-                      - np.maximum(a[..., 0], b[..., 0]), 0, None)
-  overlap_h = np.clip(np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3])
-                      - np.maximum(a[..., 1], b[..., 1]), 0, None)
-  smaller = np.minimum(a[..., 2] * a[..., 3], b[..., 2] * b[..., 3])
-  return np.where(smaller > 0, overlap_w * overlap_h
+  intersection, area_a, area_b = proposals.box_intersection(boxes_a, boxes_b)
+  smaller = np.minimum(area_a, area_b)
+  return np.where(smaller > 0, intersection
                   / np.where(smaller > 0, smaller, 1), 0.0)
 
 

@@ -52,20 +52,27 @@ class ProposalTargets(NamedTuple):
   gender: np.ndarray           # (P,) int32
 
 
-def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
-  """Intersection over union of every pair; (N, 4), (M, 4) -> (N, M).
-
-  >>> box_iou(np.array([[0., 0., 2., 2.]]), np.array([[1., 0., 2., 2.]]))
-  array([[0.33333333]])
-  """
+def box_intersection(boxes_a: np.ndarray, boxes_b: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(intersection (N, M), area of a (N, 1), area of b (1, M))`` of every
+  pair of (x, y, w, h) boxes, in float64."""
   a = np.asarray(boxes_a, np.float64)[:, None, :]
   b = np.asarray(boxes_b, np.float64)[None, :, :]
   overlap_w = np.clip(np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2])
                       - np.maximum(a[..., 0], b[..., 0]), 0, None)
   overlap_h = np.clip(np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3])
                       - np.maximum(a[..., 1], b[..., 1]), 0, None)
-  intersection = overlap_w * overlap_h
-  union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - intersection
+  return overlap_w * overlap_h, a[..., 2] * a[..., 3], b[..., 2] * b[..., 3]
+
+
+def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+  """Intersection over union of every pair; (N, 4), (M, 4) -> (N, M).
+
+  >>> box_iou(np.array([[0., 0., 2., 2.]]), np.array([[1., 0., 2., 2.]]))
+  array([[0.33333333]])
+  """
+  intersection, area_a, area_b = box_intersection(boxes_a, boxes_b)
+  union = area_a + area_b - intersection
   return np.where(union > 0, intersection / np.where(union > 0, union, 1), 0.0)
 
 
