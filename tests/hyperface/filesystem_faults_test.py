@@ -47,11 +47,6 @@ def _read_only(path):
     pytest.skip('root without mount: no way to make a folder read-only')
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
 def _config(data_dir, **overrides):
   config = tiny.get_config()
   config.data_dir = data_dir

@@ -31,11 +31,6 @@ MAIN = ('-m', 'dplh_jax.hyperface.cli.train')  # what dplh-train runs
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
 def _config(tfds_dir, **overrides):
   config = tiny.get_config()
   config.data_dir = tfds_dir
