@@ -24,7 +24,7 @@ import numpy as np
 from dplh_jax.hyperface import losses
 from dplh_jax.hyperface import models
 from dplh_jax.hyperface import model_setup
-from dplh_jax.hyperface import train
+from dplh_jax.hyperface import train_step
 import bench_dp_step  # the script beside this one
 
 # --model, --batch_size, --num_proposals and --rounds are bench_dp_step's.
@@ -65,9 +65,9 @@ def main(argv):
   }
   for clipping in _CLIPPINGS.value:
     spec = dataclasses.replace(
-        train.StepSpec.from_config(config, model, weighting, 1.0),
+        train_step.StepSpec.from_config(config, model, weighting, 1.0),
         clipping=clipping)
-    clipped = train.clipped_sum_fn(spec)
+    clipped = train_step.clipped_sum_fn(spec)
     pieces[f'clipped sum ({clipping})'] = jax.jit(
         lambda p, b, c=clipped: c(p, b, None, is_padding_example=padding)[0])
   base = None

@@ -47,7 +47,7 @@ import optax
 from dplh_jax.dp import batch_selection
 from dplh_jax.hyperface import losses
 from dplh_jax.hyperface import model_setup
-from dplh_jax.hyperface import train
+from dplh_jax.hyperface import train_step
 from dplh_jax.hyperface.configs import default
 
 JAX_VARIANTS = ('nonprivate', 'dp_one_pass', 'dp_vmap', 'optax_contrib')
@@ -131,7 +131,7 @@ def _optax_contrib_step(config, model, weighting, noise_multiplier):
     del rng
     grads = jax.vmap(loss_fn, (None, 0))(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return train.TrainState(state.step + 1,
+    return train_step.TrainState(state.step + 1,
                             optax.apply_updates(state.params, updates),
                             opt_state), {}
 
@@ -145,16 +145,16 @@ def build_variant(name: str, config, model, weighting, params,
   if name == 'optax_contrib':
     tx, step = _optax_contrib_step(config, model, weighting, noise_multiplier)
   else:
-    spec = train.StepSpec.from_config(config, model, weighting,
+    spec = train_step.StepSpec.from_config(config, model, weighting,
                                       noise_multiplier)
     spec = dataclasses.replace(spec, dp=name != 'nonprivate')
     if name == 'dp_vmap':
       spec = dataclasses.replace(spec, clipping='vmap',
                                  microbatch_size=vmap_microbatch_size)
-    tx, step = train.make_optimizer(spec, 0), train.make_train_step(spec)
+    tx, step = train_step.make_optimizer(spec, 0), train_step.make_train_step(spec)
   # Own copies: the step donates its state, and variants share ``params``.
   state = jax.tree.map(lambda x: jnp.array(x, copy=True),
-                       train.TrainState(jnp.int32(0), params, tx.init(params)))
+                       train_step.TrainState(jnp.int32(0), params, tx.init(params)))
   return jax.jit(step, donate_argnums=0), state
 
 

@@ -52,17 +52,13 @@ import sys
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from dplh_jax.dp import accounting
 from dplh_jax.dp import dp_transform
 from dplh_jax.dp import noise_keys
-from dplh_jax.dp import one_pass_clipping
-from dplh_jax.dp import per_example
 from dplh_jax.dp import privacy_plan
 from dplh_jax.dp import privacy_report
 from dplh_jax.dp.batch_selection import PoissonSampler
@@ -70,192 +66,15 @@ from dplh_jax.hyperface import chance_baseline
 from dplh_jax.hyperface import checkpoint
 from dplh_jax.hyperface import config_validation
 from dplh_jax.hyperface import data_loading
+from dplh_jax.hyperface import evaluation
 from dplh_jax.hyperface import input_pipeline
 from dplh_jax.hyperface import interrupts
-from dplh_jax.hyperface import losses
 from dplh_jax.hyperface import metric_writer
-from dplh_jax.hyperface import metrics as metrics_lib
 from dplh_jax.hyperface import model_setup
 from dplh_jax.hyperface import parallel
 from dplh_jax.hyperface import progress as progress_lib
-from dplh_jax.hyperface import models
+from dplh_jax.hyperface import train_step as step_lib
 from dplh_jax.hyperface import workdir as workdir_lib
-
-
-class TrainState(flax.struct.PyTreeNode):
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSpec:
-  """Everything the train step's computation depends on (hashable).
-
-  Runs with equal specs share one compiled step. The DP noise key is not part
-  of it: the step reads the key from the optimizer state, never from how the
-  transform was built.
-  """
-  model: models.HyperFace
-  weighting: Any
-  dp: bool
-  l2_norm_clip: float
-  noise_multiplier: float
-  expected_batch_size: float
-  optimizer: str
-  learning_rate: float
-  momentum: float
-  microbatch_size: int | None
-  clipping: str
-
-  @classmethod
-  def from_config(cls, config, model, weighting, noise_multiplier):
-    return cls(model, weighting, config.dp, config.l2_norm_clip,
-               noise_multiplier, config.expected_batch_size, config.optimizer,
-               config.learning_rate, config.momentum, config.microbatch_size,
-               config.clipping)
-
-
-def make_optimizer(spec: StepSpec, noise_key) -> optax.GradientTransformation:
-  """``dp_aggregate`` (if DP) chained with the configured optimizer."""
-  if spec.optimizer == 'adam':
-    optimizer = optax.adam(spec.learning_rate)
-  else:
-    momentum = spec.momentum if spec.optimizer == 'momentum' else None
-    optimizer = optax.sgd(spec.learning_rate, momentum=momentum)
-  if not spec.dp:
-    return optimizer
-  return optax.chain(
-      dp_transform.dp_aggregate(spec.l2_norm_clip, spec.noise_multiplier,
-                                spec.expected_batch_size, noise_key),
-      optimizer)
-
-
-def clipped_sum_fn(spec: StepSpec):
-  """``(params, batch, rng, is_padding_example) -> (ClippedSum, aux)``.
-
-  ``'one_pass'`` (dplh_jax.dp.one_pass_clipping) and ``'vmap'``
-  (dplh_jax.dp.per_example) compute the same clipped sum of the same per-image
-  loss, with the same guarantee; one-pass avoids vmap's batch-grouped
-  convolutions.
-  """
-  clipped_grad_sum = (per_example.clipped_grad_sum if spec.clipping == 'vmap'
-                      else one_pass_clipping.clipped_grad_sum)
-  return clipped_grad_sum(
-      functools.partial(losses.per_image_loss, model=spec.model,
-                        weighting=spec.weighting),
-      spec.l2_norm_clip, has_aux=True, microbatch_size=spec.microbatch_size)
-
-
-def make_train_step(spec: StepSpec, mesh: jax.sharding.Mesh | None = None):
-  """The pure step ``(state, batch, rng) -> (state, metrics)``.
-
-  With a ``mesh``, the batch is sharded along its ``'data'`` axis: each
-  device clips and sums its block and the sums are added
-  (``parallel.sharded_clipped_sum``) before the noise, added once.
-  """
-  example_loss = functools.partial(losses.loss_from_outputs,
-                                   weighting=spec.weighting)
-  clipped_sum = clipped_sum_fn(spec) if spec.dp else None
-  if clipped_sum is not None and mesh is not None:
-    clipped_sum = parallel.sharded_clipped_sum(clipped_sum, mesh)
-  # The construction key is never read by update(): the key is in the state.
-  tx = make_optimizer(spec, noise_key=0)
-
-  def mean_over_images(values, is_real):
-    weights = is_real.astype(jnp.float32)
-    denominator = jnp.maximum(jnp.sum(weights), 1.0)
-    return jax.tree.map(
-        lambda v: jnp.tensordot(weights, v.astype(jnp.float32), axes=1)
-        / denominator, values)
-
-  def train_step(state: TrainState, batch, rng):
-    is_real = ~batch['is_padding_example']
-    if spec.dp:
-      gradient, aux = clipped_sum(
-          state.params, batch, rng,
-          is_padding_example=batch['is_padding_example'])
-    else:
-      def batch_loss(params):
-        # The whole batch as one flat batch of crops: faster than a vmap
-        # of per_image_loss; dropout masks differ from it, not their law.
-        outputs = models.apply_to_images(spec.model, params, batch['crops'],
-                                         rng)
-        image_losses, aux = jax.vmap(example_loss, (None, 0, 0))(
-            params, outputs, batch)
-        return mean_over_images(image_losses, is_real), aux
-      gradient, aux = jax.grad(batch_loss, has_aux=True)(state.params)
-    updates, opt_state = tx.update(gradient, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # Train metrics are computed from private data without noise: they are
-    # for watching the run, not covered by the privacy guarantee.
-    step_metrics = {
-        f'train_loss_{task}': value
-        for task, value in mean_over_images(
-            {'total': aux['total_loss'], **aux['task_losses']},
-            is_real).items()
-    }
-    if 'sigma' in aux:
-      step_metrics |= {f'task_sigma_{task}': value[0] for task, value in
-                       aux['sigma'].items()}
-    if spec.dp:
-      dp_state = dp_transform.dp_state(opt_state)
-      step_metrics |= {'clipped_fraction': dp_state.clipped_fraction,
-                       'non_finite_examples': dp_state.num_non_finite,
-                       'realized_batch_size': dp_state.realized_batch_size}
-    return TrainState(state.step + 1, params, opt_state), step_metrics
-
-  return train_step
-
-
-@functools.lru_cache(maxsize=4)
-def compiled_train_step(spec: StepSpec,
-                        mesh: jax.sharding.Mesh | None = None):
-  """The jitted step for ``spec`` (on ``mesh``), shared by every run with
-  that spec and mesh.
-
-  On a mesh the state, the key and the metrics are replicated and the batch
-  sharded along ``'data'``, fixed here so a resumed run (whose restored
-  state has the template's shardings) reuses the one compiled step.
-  """
-  step = make_train_step(spec, mesh)
-  if mesh is None:
-    return jax.jit(step, donate_argnums=0)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  data = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS))
-  return jax.jit(step, in_shardings=(replicated, data, replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
-
-
-@functools.lru_cache(maxsize=4)
-def compiled_eval_step(model: models.HyperFace):
-  return jax.jit(make_eval_step(model))
-
-
-def make_eval_step(model: models.HyperFace):
-  """``(params, crops (B, K, S, S, 3)) -> outputs`` with (B, K) axes."""
-  return functools.partial(models.apply_to_images, model)
-
-
-def eval_images(source, config) -> Any:
-  """The held-out images evaluated: the first ``num_eval_examples``."""
-  limit = config.num_eval_examples
-  if limit > 0:
-    return [source[i] for i in range(min(limit, len(source)))]
-  return source
-
-
-def evaluate(eval_step, params, source, pipeline_config, config) -> dict:
-  """Held-out metrics over the first ``num_eval_examples`` test images."""
-  accumulator = metrics_lib.EvalAccumulator()
-  for batch in input_pipeline.prefetch(input_pipeline.eval_batches(
-      eval_images(source, config), pipeline_config,
-      batch_size=config.eval_batch_size,
-      seed=config.seed)):
-    outputs = jax.device_get(eval_step(params, batch['crops']))
-    accumulator.update(outputs, batch)
-  return accumulator.result()
 
 
 def _to_python(tree) -> dict:
@@ -342,13 +161,14 @@ def _run(config, workdir, data, checkpointer):
   # One key and one sampler seed for all processes (drawn on process 0).
   noise_key, noise_source = noise_keys.secret_key(config.noise_seed)
   sampler_seed, sampler_source = noise_keys.secret_seed(config.sampler_seed)
-  spec = StepSpec.from_config(config, model, weighting, plan.noise_multiplier)
-  tx = make_optimizer(spec, noise_key)
+  spec = step_lib.StepSpec.from_config(config, model, weighting,
+                                       plan.noise_multiplier)
+  tx = step_lib.make_optimizer(spec, noise_key)
   params = model_setup.init_params(config, model)
   # Committed (replicated on the mesh) like a restored checkpoint, so a
   # resumed run reuses the compiled step instead of compiling a second one.
   state = parallel.put_replicated(
-      TrainState(jnp.int32(0), params, tx.init(params)), layout)
+      step_lib.TrainState(jnp.int32(0), params, tx.init(params)), layout)
   sampler = PoissonSampler(num_examples, config.expected_batch_size,
                            seed=sampler_seed)
   if record is not None:
@@ -407,7 +227,7 @@ def _run(config, workdir, data, checkpointer):
     # replays the same steps instead of drawing a fresh key.
     checkpointer.save(0, state, checkpoint_record(sampler.state_dict()))
 
-  train_step = compiled_train_step(spec, layout.mesh)
+  train_step = step_lib.compiled_train_step(spec, layout.mesh)
   base_rng = jax.random.key(config.seed)
   # Metrics of the steps this run replays were written by the dead run; so
   # was the final evaluation, if a finished run is resumed.
@@ -447,9 +267,10 @@ def _run(config, workdir, data, checkpointer):
         timer_start, timer_steps = time.time(), 0
       if (config.eval_every and done % config.eval_every == 0
           and done < plan.num_steps):  # The final evaluation follows the loop.
-        writer.write(done, 'eval', evaluate(
-            compiled_eval_step(model), parallel.local_copy(state.params),
-            data.test, data.pipeline_config, config))
+        writer.write(done, 'eval', evaluation.evaluate(
+            evaluation.compiled_eval_step(model),
+            parallel.local_copy(state.params), data.test,
+            data.pipeline_config, config))
       # Every process must stop at the same step (checkpoints and the step
       # are collectives), whichever received the signal.
       stop_now = parallel.any_process(stop.requested, layout)
@@ -469,7 +290,7 @@ def _run(config, workdir, data, checkpointer):
 
   # Every process evaluates its own copy of the params (they are
   # replicated), on its first device; only the main one writes.
-  eval_metrics = evaluate(compiled_eval_step(model),
+  eval_metrics = evaluation.evaluate(evaluation.compiled_eval_step(model),
                           parallel.local_copy(state.params),
                           data.test, data.pipeline_config, config)
   writer.write(int(state.step), 'eval', eval_metrics)
@@ -490,7 +311,7 @@ def _run(config, workdir, data, checkpointer):
                                 os.path.join(workdir, 'privacy_report.json'))
   # Fitted on the evaluated images themselves, not on training images: the
   # baseline printed beside the metrics reads no private data.
-  test_images = eval_images(data.test, config)
+  test_images = evaluation.eval_images(data.test, config)
   baseline = chance_baseline.constant_metrics(
       test_images, test_images, data.pipeline_config, config)
   return {'eval': eval_metrics, 'privacy': report, 'state': state,

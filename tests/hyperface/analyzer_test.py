@@ -23,7 +23,7 @@ from dplh_jax.hyperface import face_drawing
 from dplh_jax.hyperface import image_eval
 from dplh_jax.hyperface import model_setup
 from dplh_jax.hyperface import proposals
-from dplh_jax.hyperface import train
+from dplh_jax.hyperface import train_step
 from dplh_jax.hyperface.configs import tiny
 from dplh_jax.hyperface.datasets import synthetic_scene
 
@@ -50,9 +50,9 @@ def workdir(tmp_path_factory):
     json.dump({'config': config_dict}, f)
   model, weighting = model_setup.build_model(config)
   params = model_setup.init_params(config, model)
-  spec = train.StepSpec.from_config(config, model, weighting, 1.0)
-  tx = train.make_optimizer(spec, noise_keys.secret_key(0)[0])
-  state = train.TrainState(jnp.int32(0), params, tx.init(params))
+  spec = train_step.StepSpec.from_config(config, model, weighting, 1.0)
+  tx = train_step.make_optimizer(spec, noise_keys.secret_key(0)[0])
+  state = train_step.TrainState(jnp.int32(0), params, tx.init(params))
   checkpointer = checkpoint.Checkpointer(os.path.join(path, 'checkpoints'))
   checkpointer.save(0, state, {'config': config_dict})
   checkpointer.close()
