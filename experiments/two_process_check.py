@@ -10,7 +10,8 @@ times: as one process on one device, then as two processes of
 It checks that the final checkpoint's params agree to float32
 reduction-order tolerance, that the privacy reports are equal but for
 ``num_devices`` and ``num_processes``, that only process 0 wrote metrics and
-config.json, and prints one JSON line. Not in the test suite: three
+config.json, and that two processes whose configs differ (one learning rate)
+are both refused before a step, and prints one JSON line. Not in the test suite: three
 cold-started training processes (two of them at once) take about two
 minutes on 2 CPU cores, past the suite's budget (BENCHMARKS.md).
 """
@@ -83,7 +84,38 @@ def main() -> None:
     outputs, seconds = None, (None, None)
   else:
     outputs, seconds = _train(data_dir, one, two, args.devices_per_process)
-  _compare(one, two, outputs, seconds, args.devices_per_process, root)
+  refused = None if args.compare_only else _disagreeing_processes_refused(
+      data_dir, os.path.join(root, 'disagree'), args.devices_per_process)
+  _compare(one, two, outputs, seconds, args.devices_per_process, root,
+           refused)
+
+
+def _two_processes(data_dir, workdir, devices_per_process, extra=((), ())):
+  """Runs the two processes of one run at once; their (returncode, stdout,
+  stderr)."""
+  port = _free_port()
+  processes = [subprocess.Popen(
+      _command(data_dir, workdir, f'--coordinator_address=localhost:{port}',
+               '--num_processes=2', f'--process_id={index}', *extra[index]),
+      env=_env(devices_per_process), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for index in range(2)]
+  results = []
+  for process in processes:
+    stdout, stderr = process.communicate(timeout=900)
+    results.append((process.returncode, stdout, stderr))
+  return results
+
+
+def _disagreeing_processes_refused(data_dir, workdir, devices_per_process):
+  """Whether both processes exit with the one-line refusal when process 1
+  has another learning rate, and no step is trained."""
+  results = _two_processes(data_dir, workdir, devices_per_process,
+                           ((), ('--config.learning_rate=0.5',)))
+  refused = all(code != 0 and 'config differs between process 0 and '
+                'process 1' in stderr for code, _, stderr in results)
+  trained = os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and (
+      os.path.getsize(os.path.join(workdir, 'metrics.jsonl')) > 0)
+  return refused and not trained
 
 
 def _train(data_dir, one, two, devices_per_process):
@@ -97,22 +129,18 @@ def _train(data_dir, one, two, devices_per_process):
   reference_seconds = time.time() - start
   # The dataset is prepared now: the two processes only open it.
 
-  port = _free_port()
   start = time.time()
-  processes = [subprocess.Popen(
-      _command(data_dir, two, f'--coordinator_address=localhost:{port}',
-               '--num_processes=2', f'--process_id={index}'),
-      env=_env(devices_per_process), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for index in range(2)]
-  outputs = [process.communicate(timeout=900) for process in processes]
+  results = _two_processes(data_dir, two, devices_per_process)
   two_seconds = time.time() - start
-  for index, (process, (_, stderr)) in enumerate(zip(processes, outputs)):
-    if process.returncode:
+  for index, (code, _, stderr) in enumerate(results):
+    if code:
       sys.exit(f'error: process {index} failed:\n{stderr[-3000:]}')
+  outputs = [(stdout, stderr) for _, stdout, stderr in results]
   return outputs, (reference_seconds, two_seconds)
 
 
-def _compare(one, two, outputs, seconds, devices_per_process, root):
+def _compare(one, two, outputs, seconds, devices_per_process, root,
+             refused):
   """Prints the checks as one JSON line; exits 1 if one fails."""
   params_one, params_two = _final_params(one), _final_params(two)
   differences = {name: float(np.max(np.abs(params_one[name]
@@ -141,6 +169,7 @@ def _compare(one, two, outputs, seconds, devices_per_process, root):
       'summary_printed_by_process_0_only': None if outputs is None else (
           'privacy report:' in outputs[0][0]
           and 'privacy report:' not in outputs[1][0]),
+      'disagreeing_processes_refused': refused,
       'lock_files': sorted(f for f in os.listdir(two)
                            if f.startswith('.lock')),
       'seconds_one_process': seconds[0] and round(seconds[0], 1),
@@ -150,6 +179,7 @@ def _compare(one, two, outputs, seconds, devices_per_process, root):
   print(json.dumps(result))
   ok = (close and same_report and result['metric_lines_once']
         and result['summary_printed_by_process_0_only'] is not False
+        and refused is not False
         and result['report_layout'] == {
             'num_devices': 2 * devices_per_process, 'num_processes': 2})
   sys.exit(0 if ok else 1)

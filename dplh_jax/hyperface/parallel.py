@@ -24,8 +24,11 @@ checkpoints are saved and restored by all (Orbax coordinates them).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -154,6 +157,12 @@ def make_layout(num_devices: int = 0) -> Layout:
     raise ValueError(f'config.num_devices={num_devices} with {processes} '
                      'processes: every device of every process trains; use '
                      f'0 or {len(devices)}.')
+  per_process = collections.Counter(d.process_index for d in devices)
+  if len(set(per_process.values())) > 1:
+    raise ValueError(
+        f'the processes have unequal device counts {dict(per_process)} '
+        '(process: devices); every process must bring the same number, e.g. '
+        'the same CUDA_VISIBLE_DEVICES count on every host.')
   devices = devices[:num_devices or len(devices)]
   index = jax.process_index()
   local = sum(d.process_index == index for d in devices)
@@ -247,6 +256,63 @@ def sharded_clipped_sum(clipped_sum: Callable[..., Any], mesh: Mesh
   def call(params, batch, rng, *, is_padding_example):
     return summed(params, batch, rng, is_padding_example)
   return call
+
+
+def fingerprint(value: Any) -> bytes:
+  """A SHA-256 digest of ``value``: a JSON-able object, or a pytree of
+  arrays (their paths, dtypes, shapes and bytes)."""
+  digest = hashlib.sha256()
+  if not any(isinstance(leaf, (jax.Array, np.ndarray))
+             for leaf in jax.tree.leaves(value)):
+    digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return digest.digest()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(local_copy(value))[0]:
+    array = np.asarray(jax.device_get(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)} {array.dtype} '
+                  f'{array.shape}'.encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.digest()
+
+
+def first_disagreement(digests: np.ndarray, names: list[str]
+                       ) -> str | None:
+  """The first of ``names`` whose digest differs between processes.
+
+  Args:
+    digests: (processes, len(names), 32) uint8, every process's digests.
+    names: what each digest is of.
+  """
+  for k, name in enumerate(names):
+    different = np.flatnonzero(np.any(digests[:, k] != digests[0, k], axis=1))
+    if different.size:
+      return (f'{name} differs between process 0 and process '
+              f'{int(different[0])}')
+  return None
+
+
+def check_processes_agree(layout: Layout, **values: Any) -> None:
+  """Refuses a multi-process run whose processes disagree on any of
+  ``values`` (for example the config, the training set's size and the
+  initial or restored parameters).
+
+  Processes that disagree would each compute a different mechanism than the
+  one accounted for (their shares of one Poisson sample would come from
+  different datasets, or their replicas would drift apart). Every process
+  must call it, with the same keywords.
+
+  Raises:
+    ValueError: one line naming the first value that differs.
+  """
+  if layout.num_processes == 1:
+    return
+  names = sorted(values)
+  mine = np.stack([np.frombuffer(fingerprint(values[name]), np.uint8)
+                   for name in names])
+  digests = np.asarray(multihost_utils.process_allgather(mine))
+  problem = first_disagreement(digests, names)
+  if problem is not None:
+    raise ValueError(f'{problem}: start every process with the same config, '
+                     'data and code.')
 
 
 def main_first(fn: Callable[[], Any], layout: Layout) -> Any:

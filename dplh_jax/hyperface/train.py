@@ -190,6 +190,13 @@ def _run(config, workdir, data, checkpointer):
       say(f'Note: resumed on {layout.describe()}, the checkpoint was written '
           f'on {record["layout"]}: the replayed steps match the first run\'s '
           'to float32 rounding (order of the sums), not bit for bit.')
+  parallel.check_processes_agree(
+      layout,
+      config={k: v for k, v in config_dict.items()
+              if k not in workdir_lib.RESUMABLE_FIELDS},
+      training_set={'size': num_examples,
+                    'ends': [data.train[0], data.train[num_examples - 1]]},
+      params=state.params)
 
   def checkpoint_record(sampler_state):
     return {'sampler': sampler_state, 'accountant': accountant.to_dict(),

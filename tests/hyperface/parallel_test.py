@@ -95,3 +95,42 @@ def test_the_processes_of_a_run_share_a_workdir_a_second_run_is_refused(
     with pytest.raises(run_binding.WorkdirInUseError):
       with run_binding.WorkdirLock(str(tmp_path)):
         pass
+
+
+class _FakeDevice:
+
+  def __init__(self, process_index, device_id):
+    self.process_index, self.id = process_index, device_id
+
+
+def test_processes_with_unequal_device_counts_are_refused(monkeypatch):
+  devices = [_FakeDevice(0, 0), _FakeDevice(0, 1), _FakeDevice(1, 2)]
+  monkeypatch.setattr(parallel.jax, 'devices', lambda: devices)
+  monkeypatch.setattr(parallel.jax, 'process_count', lambda: 2)
+  with pytest.raises(ValueError, match=r'unequal device counts \{0: 2, 1: 1\}'):
+    parallel.make_layout(0)
+
+
+def test_fingerprints_see_one_changed_bit_and_name_what_differs():
+  params = {'w': np.zeros((2, 3), np.float32), 'b': np.ones(3, np.float32)}
+  flipped = {'w': params['w'].copy(), 'b': params['b']}
+  flipped['w'].view(np.uint32)[1, 2] ^= 1  # 0.0 -> the smallest subnormal
+  config = {'learning_rate': 1e-3, 'task_weighting': 'uncertainty'}
+  assert parallel.fingerprint(params) == parallel.fingerprint(
+      {'b': params['b'].copy(), 'w': params['w'].copy()})
+  assert parallel.fingerprint(params) != parallel.fingerprint(flipped)
+  assert parallel.fingerprint(config) != parallel.fingerprint(
+      dict(config, learning_rate=2e-3))
+  # The params as float64 are other values for the step: refused too.
+  assert parallel.fingerprint(params) != parallel.fingerprint(
+      {k: v.astype(np.float64) for k, v in params.items()})
+
+  names = ['config', 'params']
+  same = np.stack([np.frombuffer(parallel.fingerprint(config), np.uint8),
+                   np.frombuffer(parallel.fingerprint(params), np.uint8)])
+  other = same.copy()
+  other[1, 0] ^= 1
+  assert parallel.first_disagreement(np.stack([same, same, same]),
+                                     names) is None
+  assert parallel.first_disagreement(np.stack([same, same, other]), names) == (
+      'params differs between process 0 and process 2')
