@@ -8,6 +8,7 @@ OPTIMIZERS = ('sgd', 'momentum', 'adam')
 TASK_WEIGHTINGS = ('uncertainty', 'fixed')
 INITIAL_TASK_WEIGHTS = ('hyperface', 'equal')
 CLIPPING_METHODS = ('one_pass', 'vmap')
+LEARNING_RATE_SCHEDULES = ('constant', 'cosine')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -29,6 +30,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(config[field] >= 1, field, 'must be >= 1')
   need(config.eval_every >= 0, 'eval_every',
        'must be >= 0 (0: evaluate at the end only)')
+  need(config.learning_rate_schedule in LEARNING_RATE_SCHEDULES,
+       'learning_rate_schedule', f'use one of {LEARNING_RATE_SCHEDULES}')
+  need(config.warmup_steps >= 0, 'warmup_steps', 'must be >= 0 (0: none)')
+  need(0 <= config.ema_decay < 1, 'ema_decay',
+       'must be in [0, 1) (0: no parameter average)')
   need(config.microbatch_size is None or config.microbatch_size >= 1,
        'microbatch_size', 'must be None or >= 1')
   need(config.clipping in CLIPPING_METHODS, 'clipping',

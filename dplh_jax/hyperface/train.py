@@ -53,7 +53,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from dplh_jax.dp import accounting
@@ -162,13 +161,14 @@ def _run(config, workdir, data, checkpointer):
   noise_key, noise_source = noise_keys.secret_key(config.noise_seed)
   sampler_seed, sampler_source = noise_keys.secret_seed(config.sampler_seed)
   spec = step_lib.StepSpec.from_config(config, model, weighting,
-                                       plan.noise_multiplier)
+                                       plan.noise_multiplier, plan.num_steps)
   tx = step_lib.make_optimizer(spec, noise_key)
   params = model_setup.init_params(config, model)
   # Committed (replicated on the mesh) like a restored checkpoint, so a
   # resumed run reuses the compiled step instead of compiling a second one.
   state = parallel.put_replicated(
-      step_lib.TrainState(jnp.int32(0), params, tx.init(params)), layout)
+      step_lib.initial_state(params, tx.init(params), config.ema_decay),
+      layout)
   sampler = PoissonSampler(num_examples, config.expected_batch_size,
                            seed=sampler_seed)
   if record is not None:
@@ -276,8 +276,8 @@ def _run(config, workdir, data, checkpointer):
           and done < plan.num_steps):  # The final evaluation follows the loop.
         writer.write(done, 'eval', evaluation.evaluate(
             evaluation.compiled_eval_step(model),
-            parallel.local_copy(state.params), data.test,
-            data.pipeline_config, config))
+            parallel.local_copy(step_lib.evaluated_params(state)),
+            data.test, data.pipeline_config, config))
       # Every process must stop at the same step (checkpoints and the step
       # are collectives), whichever received the signal.
       stop_now = parallel.any_process(stop.requested, layout)
@@ -297,9 +297,10 @@ def _run(config, workdir, data, checkpointer):
 
   # Every process evaluates its own copy of the params (they are
   # replicated), on its first device; only the main one writes.
-  eval_metrics = evaluation.evaluate(evaluation.compiled_eval_step(model),
-                          parallel.local_copy(state.params),
-                          data.test, data.pipeline_config, config)
+  eval_metrics = evaluation.evaluate(
+      evaluation.compiled_eval_step(model),
+      parallel.local_copy(step_lib.evaluated_params(state)), data.test,
+      data.pipeline_config, config)
   writer.write(int(state.step), 'eval', eval_metrics)
   writer.close()
   non_finite = (int(parallel.local_copy(

@@ -29,9 +29,40 @@ from dplh_jax.hyperface import parallel
 
 
 class TrainState(flax.struct.PyTreeNode):
+  """The train state. ``averaged_params`` is the exponential moving average
+  of the released ``params`` when ``config.ema_decay`` > 0, else None."""
   step: jax.Array
   params: Any
   opt_state: Any
+  averaged_params: Any = None
+
+
+def initial_state(params, opt_state, ema_decay: float) -> TrainState:
+  """The state before the first step (the average starts at ``params``, in
+  buffers of its own: the step donates the state)."""
+  return TrainState(jnp.int32(0), params, opt_state,
+                    jax.tree.map(jnp.copy, params) if ema_decay else None)
+
+
+def evaluated_params(state: TrainState) -> Any:
+  """The parameters a run evaluates, checkpoints for use and exports: the
+  average when there is one, else the last step's."""
+  if state.averaged_params is not None:
+    return state.averaged_params
+  return state.params
+
+
+def averaged(average, params, step: jax.Array, decay: float):
+  """One update of the parameter average (Polyak-Ruppert, exponential).
+
+  The decay ramps up as ``min(decay, (1 + t) / (10 + t))`` so the random
+  initialization is forgotten within the first steps. The average is a
+  function of the released parameters alone: post-processing, no privacy
+  cost (docs/DESIGN.md, Privacy rules).
+  """
+  rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda a, p: rate * a + (1.0 - rate) * p, average,
+                      params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,22 +84,57 @@ class StepSpec:
   momentum: float
   microbatch_size: int | None
   clipping: str
+  learning_rate_schedule: str = 'constant'
+  warmup_steps: int = 0
+  num_steps: int = 0
+  ema_decay: float = 0.0
 
   @classmethod
-  def from_config(cls, config, model, weighting, noise_multiplier):
+  def from_config(cls, config, model, weighting, noise_multiplier,
+                  num_steps: int = 0):
+    """The spec of ``config``'s step; ``num_steps`` (the planned steps) is
+    needed by the cosine schedule only."""
     return cls(model, weighting, config.dp, config.l2_norm_clip,
                noise_multiplier, config.expected_batch_size, config.optimizer,
                config.learning_rate, config.momentum, config.microbatch_size,
-               config.clipping)
+               config.clipping, config.learning_rate_schedule,
+               config.warmup_steps, num_steps, config.ema_decay)
+
+
+def learning_rate(spec: StepSpec) -> float | optax.Schedule:
+  """The learning rate, or its schedule over the optimizer's update count.
+
+  A schedule depends on the step count alone, which is public, so it costs
+  no privacy; its count is in the optimizer state, saved and restored with
+  it, so a resumed run continues the same schedule.
+
+  Raises:
+    ValueError: a cosine schedule without at least one step after warm-up.
+  """
+  if spec.learning_rate_schedule == 'cosine':
+    if spec.num_steps <= spec.warmup_steps:
+      raise ValueError(
+          f'config.warmup_steps={spec.warmup_steps}: the cosine schedule '
+          f'needs steps after the warm-up, and the run plans '
+          f'{spec.num_steps}; lower warmup_steps or train longer.')
+    return optax.warmup_cosine_decay_schedule(
+        0.0, spec.learning_rate, spec.warmup_steps,
+        decay_steps=spec.num_steps, end_value=0.0)
+  if spec.warmup_steps:
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, spec.learning_rate, spec.warmup_steps),
+         optax.constant_schedule(spec.learning_rate)], [spec.warmup_steps])
+  return spec.learning_rate
 
 
 def make_optimizer(spec: StepSpec, noise_key) -> optax.GradientTransformation:
   """``dp_aggregate`` (if DP) chained with the configured optimizer."""
+  rate = learning_rate(spec)
   if spec.optimizer == 'adam':
-    optimizer = optax.adam(spec.learning_rate)
+    optimizer = optax.adam(rate)
   else:
     momentum = spec.momentum if spec.optimizer == 'momentum' else None
-    optimizer = optax.sgd(spec.learning_rate, momentum=momentum)
+    optimizer = optax.sgd(rate, momentum=momentum)
   if not spec.dp:
     return optimizer
   return optax.chain(
@@ -149,7 +215,10 @@ def make_train_step(spec: StepSpec, mesh: jax.sharding.Mesh | None = None):
       step_metrics |= {'clipped_fraction': dp_state.clipped_fraction,
                        'non_finite_examples': dp_state.num_non_finite,
                        'realized_batch_size': dp_state.realized_batch_size}
-    return TrainState(state.step + 1, params, opt_state), step_metrics
+    average = None if state.averaged_params is None else averaged(
+        state.averaged_params, params, state.step, spec.ema_decay)
+    return TrainState(state.step + 1, params, opt_state,
+                      average), step_metrics
 
   return train_step
 

@@ -55,6 +55,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = 'adam'  # 'sgd', 'momentum' or 'adam'
   config.learning_rate = 3e-3
   config.momentum = 0.9
+  # Learning-rate schedule, public (a function of the step count alone):
+  # linear warm-up from 0 over warmup_steps, then 'constant' or 'cosine'
+  # (decay to 0 at the last planned step).
+  config.learning_rate_schedule = 'constant'
+  config.warmup_steps = 0
+  # Exponential moving average of the released params (0: off; e.g. 0.99):
+  # post-processing of the DP release, so free. With it on, evaluation,
+  # checkpoints' use and export read the average (train_step.averaged).
+  config.ema_decay = 0.0
   # Per-example clipping: 'one_pass' (one forward and backward for the whole
   # chunk, dplh_jax.dp.one_pass_clipping) or 'vmap' (jax.vmap(jax.grad)); same
   # clipped sum and guarantee; one-pass is the faster on CPU (BENCHMARKS.md).
