@@ -30,6 +30,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(config[field] >= 1, field, 'must be >= 1')
   need(config.eval_every >= 0, 'eval_every',
        'must be >= 0 (0: evaluate at the end only)')
+  need(config.image_eval_images >= 0, 'image_eval_images',
+       'must be >= 0 (0: no image-level evaluation at the end)')
   need(config.learning_rate_schedule in LEARNING_RATE_SCHEDULES,
        'learning_rate_schedule', f'use one of {LEARNING_RATE_SCHEDULES}')
   need(config.warmup_steps >= 0, 'warmup_steps', 'must be >= 0 (0: none)')

@@ -5,8 +5,10 @@ model). Its checkpoints hold more: the optimizer state with the DP noise key,
 which must never be published (whoever has it can regenerate the noise and
 subtract it, which voids the guarantee), and the sampler state.
 :func:`params_from_workdir` therefore restores only the ``params`` subtree of
-the latest checkpoint (an Orbax partial restore: the optimizer state is never
-read), and :func:`export_params` writes those params alone to one ``.npz``
+the latest checkpoint (``averaged_params`` for a run that keeps a parameter
+average, ``ema_decay`` > 0: post-processing of the DP iterates) by an Orbax
+partial restore, so the optimizer state is never read; and
+:func:`export_params` writes those params alone to one ``.npz``
 with the model's config and the run's privacy report, minus what must not
 or need not leave the workdir:
 
@@ -86,8 +88,16 @@ class _QuietOrbax(logging.Filter):
     return record.levelno >= logging.ERROR
 
 
+def released_subtree(config: dict[str, Any]) -> str:
+  """The TrainState field a run releases: ``averaged_params`` when it keeps
+  a parameter average (``config.ema_decay`` > 0: what it evaluates and
+  exports, ``train_step.evaluated_params``), else ``params``."""
+  return 'averaged_params' if config.get('ema_decay') else 'params'
+
+
 def params_from_workdir(workdir: str) -> ReleasedModel:
-  """The latest checkpoint's params, restored without the optimizer state.
+  """The latest checkpoint's released params (``released_subtree``: the
+  average, if the run keeps one), restored without the optimizer state.
 
   Raises:
     ValueError: a folder without ``config.json`` or without a checkpoint.
@@ -100,7 +110,8 @@ def params_from_workdir(workdir: str) -> ReleasedModel:
   if step is None:
     raise ValueError(f'{workdir} holds no checkpoint yet: wait for the run\'s '
                      'first checkpoint, or pass a finished run.')
-  target = {'params': abstract_params(config)}
+  subtree = released_subtree(config)
+  target = {subtree: abstract_params(config)}
   restore_args = jax.tree.map(
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
   quiet = _QuietOrbax()
@@ -118,7 +129,7 @@ def params_from_workdir(workdir: str) -> ReleasedModel:
   if os.path.exists(report_path):
     with open(report_path) as f:
       report = json.load(f)
-  return ReleasedModel(jax.tree.map(jnp.asarray, restored['params']),
+  return ReleasedModel(jax.tree.map(jnp.asarray, restored[subtree]),
                        public_config(config), step, public_report(report),
                        workdir)
 

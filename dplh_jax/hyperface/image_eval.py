@@ -17,18 +17,27 @@ Conventions (docs/DESIGN.md, Using a trained model):
   prediction > 0.5 against the annotation), ``image_pose_mae_*_deg``
   (faces with a pose) and ``image_gender_accuracy`` (known gender;
   P(male) > 0.5 against the label). Pooled over terms; no term: NaN.
+
+``dplh-evaluate`` computes them on any workdir or exported file; with
+``config.image_eval_images`` > 0, dplh-train computes them at the end of the
+run on that many test images (``evaluate_final_params``: image_eval.json).
 """
 
 from __future__ import annotations
 
 import collections
+import json
+import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from dplh_jax.hyperface import analyzer as analyzer_lib
+from dplh_jax.hyperface import export
 from dplh_jax.hyperface import proposals
+from dplh_jax.hyperface import workdir as workdir_lib
 
 POSE_NAMES = ('roll', 'pitch', 'yaw')
 
@@ -145,13 +154,33 @@ class ImageEvalAccumulator:
     return dict(sorted(result.items()))
 
 
-def open_test_split(config: dict[str, Any]):
+def open_test_split(config: dict[str, Any], data_dir: str | None = None):
   """The random-access test split of the run's dataset (training images are
-  not read; a dataset not yet prepared is built first, as dplh-train does)."""
+  not read; a dataset not yet prepared is built first, as dplh-train does).
+
+  Args:
+    config: the run's config.
+    data_dir: the TFDS folder; None: the config's ``data_dir`` (a released
+      config has none: TFDS's default, ~/tensorflow_datasets).
+  """
   import ml_collections  # pylint: disable=import-outside-toplevel
   from dplh_jax.hyperface import data_loading  # pylint: disable=import-outside-toplevel
+  if data_dir is None:
+    data_dir = config.get('data_dir', '')
   return data_loading.load_data(ml_collections.ConfigDict(
-      dict(config, data_dir=config.get('data_dir', '')))).test
+      dict(config, data_dir=data_dir))).test
+
+
+def open_run_test_split(analyzer: analyzer_lib.FaceAnalyzer,
+                        data_dir: str | None = None):
+  """The test split of the analyzer's run: in ``data_dir`` if given, else
+  where its workdir's config.json keeps the dataset (the released config
+  leaves the local path out), else TFDS's default folder."""
+  if data_dir is None:
+    source = analyzer.released.source
+    saved = workdir_lib.read_config(source) if os.path.isdir(source) else None
+    data_dir = (saved or {}).get('data_dir', '')
+  return open_test_split(analyzer.released.config, data_dir)
 
 
 def annotated_faces(record: dict[str, Any], index: int) -> proposals.Faces:
@@ -171,3 +200,47 @@ def evaluate(analyzer: analyzer_lib.FaceAnalyzer, source: Sequence[Any],
     faces = analyzer.analyze(np.asarray(record['image']), min_score=0.0)
     accumulator.update(faces, annotated_faces(record, index))
   return accumulator.result()
+
+
+RESULT_FILE = 'image_eval.json'
+
+
+def evaluate_final_params(params: Any, config: dict[str, Any], step: int,
+                          privacy: dict[str, Any] | None,
+                          test_source: Sequence[Any], num_images: int,
+                          workdir: str) -> dict[str, float]:
+  """``config.image_eval_images`` at the end of dplh-train: the metrics of
+  the final params on the first ``num_images`` test images, as
+  ``dplh-evaluate`` computes them (default ``AnalyzerOptions``), written to
+  ``workdir/image_eval.json`` (``{"model": FaceAnalyzer.describe(),
+  "score_threshold", "iou_threshold", "metrics"}``; NaN as null).
+
+  Reads only the params (the release) and the test split.
+  """
+  analyzer = analyzer_lib.FaceAnalyzer(export.ReleasedModel(
+      params, export.public_config(config), step,
+      export.public_report(privacy), workdir))
+  result = evaluate(analyzer, test_source, num_images)
+  path = os.path.join(workdir, RESULT_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump({'model': analyzer.describe(), 'score_threshold': 0.5,
+               'iou_threshold': 0.5,
+               'metrics': {k: None if isinstance(v, float) and math.isnan(v)
+                           else v for k, v in result.items()}},
+              f, indent=1, sort_keys=True)
+    f.write('\n')
+  os.replace(path + '.tmp', path)
+  return result
+
+
+def summary(result: dict[str, float]) -> str:
+  """One line of the headline image-level metrics."""
+  def show(key, fmt='.3f'):
+    value = result[key]
+    return '-' if math.isnan(value) else format(value, fmt)
+  return (f'{result["num_images"]} test images, {result["num_faces"]} faces: '
+          f'detection AP {show("image_detection_ap")}, precision '
+          f'{show("image_precision")} / recall {show("image_recall")} at '
+          f'score 0.5, landmark NME {show("image_landmark_nme")}, pose MAE '
+          f'{show("image_pose_mae_deg", ".1f")} deg, gender accuracy '
+          f'{show("image_gender_accuracy")}')

@@ -26,7 +26,8 @@ steps are reproduced bit for bit, never re-released with other noise
 (docs/DESIGN.md, Privacy rules, rule 5). For that the resume must compute what
 the dead run computed: it is refused, before any data is loaded, if any config
 field differs from the saved one but ``workdir.RESUMABLE_FIELDS`` (log_every,
-checkpoint_every, data_dir), and after restoring if the privacy plan differs or
+checkpoint_every, data_dir, num_devices, image_eval_images: none changes what
+is computed on the training data or released), and after restoring if the privacy plan differs or
 the checkpoint's counters disagree (train step = steps accounted = noise draws =
 sampler draws) or its accountant holds another (sigma, q), so the report always
 counts exactly the steps trained (docs/DESIGN.md, Privacy rules, rule 6). Metric
@@ -66,6 +67,7 @@ from dplh_jax.hyperface import checkpoint
 from dplh_jax.hyperface import config_validation
 from dplh_jax.hyperface import data_loading
 from dplh_jax.hyperface import evaluation
+from dplh_jax.hyperface import image_eval
 from dplh_jax.hyperface import input_pipeline
 from dplh_jax.hyperface import interrupts
 from dplh_jax.hyperface import metric_writer
@@ -113,7 +115,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     ``{'eval': held-out metrics, 'privacy': the privacy report, 'state':
     the final TrainState, 'baseline': the held-out metrics of the best
-    constant predictions (``chance_baseline.constant_metrics``)}``.
+    constant predictions (``chance_baseline.constant_metrics``),
+    'image_eval': with ``config.image_eval_images`` > 0 the image-level
+    metrics also written to ``workdir/image_eval.json``
+    (``image_eval.evaluate_final_params``; main process), else None}``.
 
   Raises:
     ValueError: a bad config or data, a workdir that is a file or not
@@ -322,5 +327,15 @@ def _run(config, workdir, data, checkpointer):
   test_images = evaluation.eval_images(data.test, config)
   baseline = chance_baseline.constant_metrics(
       test_images, test_images, data.pipeline_config, config)
+  image_metrics = None
+  if config.image_eval_images and layout.is_main:
+    # Post-processing of the release: the final params on whole test images.
+    image_metrics = image_eval.evaluate_final_params(
+        jax.device_get(parallel.local_copy(step_lib.evaluated_params(state))),
+        config_dict,
+        int(parallel.local_copy(state.step)), report, data.test,
+        config.image_eval_images, workdir)
+    say(f'Image-level evaluation: {image_eval.summary(image_metrics)} -> '
+        f'{os.path.join(workdir, image_eval.RESULT_FILE)}')
   return {'eval': eval_metrics, 'privacy': report, 'state': state,
-          'baseline': baseline}
+          'baseline': baseline, 'image_eval': image_metrics}

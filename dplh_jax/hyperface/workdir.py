@@ -42,11 +42,16 @@ from dplh_jax.hyperface import writable
 #   keep a preempted job from resuming on a smaller or larger slice. The
 #   run prints a note when it resumes on another layout (the checkpoint
 #   records it).
+# * image_eval_images: the image-level evaluation after the last step. It
+#   reads only the final params (the release itself) and the test split,
+#   feeds nothing back and writes its own file (image_eval.json, rewritten
+#   whole), so it is post-processing of the release: re-running a finished
+#   run with it set adds the evaluation and changes nothing else.
 # The evaluation fields (eval_every, eval_batch_size, num_eval_examples) are
 # NOT here: they change which evaluations of the params are released, and on
 # what, so a resume must not change them either.
 RESUMABLE_FIELDS = frozenset({'log_every', 'checkpoint_every', 'data_dir',
-                              'num_devices'})
+                              'num_devices', 'image_eval_images'})
 
 
 def check_workdir_writable(workdir: str) -> None:

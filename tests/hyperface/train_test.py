@@ -39,10 +39,10 @@ def _config(tfds_dir, **overrides):
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(data_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
-  return workdir, train.train_and_evaluate(_config(data_dir, eval_every=2),
-                                          workdir)
+def uninterrupted(trained_tiny):
+  """The session's tiny run (conftest): ``_config(data_dir, eval_every=2)``
+  and the image-level evaluation at the end (a resumable field)."""
+  return trained_tiny.workdir, trained_tiny.result
 
 
 def test_run_writes_a_report_that_dp_accounting_reproduces(uninterrupted):

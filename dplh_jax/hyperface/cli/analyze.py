@@ -8,8 +8,9 @@ Writes, per image, ``<name>.json`` (the faces: box, score, 21 landmarks with
 visibility, pose, gender; see ``analyzer.Face``) and ``<name>.png`` (the
 image enlarged with the faces drawn, see ``face_drawing``), and prints their
 paths. ``--test_images N`` adds the first N test images of the run's dataset
-(``test_000000`` ...). Only the released params are read: the latest
-checkpoint's params subtree of --workdir, or a file from ``dplh-export``.
+(``test_000000`` ...; from the workdir's data_dir). Only the released params
+are read: the latest checkpoint's params subtree of --workdir, or a file
+from ``dplh-export``.
 """
 
 import json
@@ -82,7 +83,7 @@ def images_to_analyze(analyzer, paths, num_test):
     yield name, read_image(path), path
   if num_test > 0:
     from dplh_jax.hyperface import image_eval  # pylint: disable=import-outside-toplevel
-    source = image_eval.open_test_split(analyzer.released.config)
+    source = image_eval.open_run_test_split(analyzer)
     for index in range(min(num_test, len(source))):
       yield (f'test_{index:06d}', np.asarray(source[index]['image']),
              f'test split, image {index}')

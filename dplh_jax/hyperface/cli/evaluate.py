@@ -3,15 +3,19 @@ runs on whole test images, and a figure of annotated test images.
 
   dplh-evaluate workdirs/default workdirs/nonprivate --num_images 500 \
       --json_out results.json --figure faces.png --figure_images 4
+  dplh-evaluate --workdir workdirs/default     # the same, as dplh-analyze
 
-Each MODEL is a dplh-train workdir or a dplh-export file. Every model runs
+Each MODEL is a dplh-train workdir or a dplh-export file (--workdir adds
+one more, and may be repeated). Every model runs
 HyperFace's inference (``analyzer``: windows, IRP, L-NMS) on the first
 --num_images test images of its run's dataset; the metrics
 (``image_eval``: detection AP at IoU 0.5 over whole images, and landmark
 NME, visibility, pose and gender of the faces matched at --score_threshold)
 are printed as one table, a column per model. --figure draws the first
 --figure_images test images: the annotations, then each model's faces.
-Reads only the released params and the test split.
+The test split is read from --data_dir, else from the workdir's data_dir,
+else from TFDS's default folder. Reads only the released params and the test
+split.
 """
 
 import json
@@ -27,6 +31,11 @@ from dplh_jax.hyperface import face_drawing
 from dplh_jax.hyperface import image_eval
 from dplh_jax.hyperface.cli import flags_util
 
+_WORKDIR = flags.DEFINE_multi_string('workdir', [], 'A dplh-train workdir to '
+                                     'evaluate (as a MODEL argument).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS folder of the test '
+                                'split (default: the workdir\'s data_dir, '
+                                'else TFDS\'s default).')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 500, 'Test images to '
                                    'evaluate (-1: all).')
 _SCORE_THRESHOLD = flags.DEFINE_float(
@@ -84,7 +93,7 @@ def table(labels, results, score_threshold) -> str:
 
 
 def draw_figure(analyzers, labels, path, num_images, scale) -> None:
-  source = image_eval.open_test_split(analyzers[0].released.config)
+  source = image_eval.open_run_test_split(analyzers[0], _DATA_DIR.value)
   records = [source[i] for i in range(min(num_images, len(source)))]
   images = [np.asarray(r['image']) for r in records]
   rows = [('annotations', [
@@ -99,10 +108,10 @@ def draw_figure(analyzers, labels, path, num_images, scale) -> None:
 
 
 def main(argv):
-  models = list(argv[1:])
+  models = list(argv[1:]) + list(_WORKDIR.value)
   if not models:
     raise app.UsageError('pass one or more workdirs or params files: '
-                         'dplh-evaluate MODEL [MODEL...]')
+                         'dplh-evaluate MODEL [MODEL...] (or --workdir W)')
   flags_util.start(argv[:1], config=True)
 
   def evaluate_all():
@@ -110,7 +119,7 @@ def main(argv):
     labels = [label(a) for a in analyzers]
     results = []
     for analyzer in analyzers:
-      source = image_eval.open_test_split(analyzer.released.config)
+      source = image_eval.open_run_test_split(analyzer, _DATA_DIR.value)
       results.append(image_eval.evaluate(
           analyzer, source, _NUM_IMAGES.value,
           score_threshold=_SCORE_THRESHOLD.value))

@@ -91,4 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 50
   config.eval_batch_size = 64
   config.num_eval_examples = -1  # -1: the whole test split
+  # After the final evaluation, HyperFace's image-level metrics (detection AP
+  # over whole images, image_eval.py) on the first n test images, written to
+  # workdir/image_eval.json; 0: off (dplh-evaluate does it on any workdir).
+  config.image_eval_images = 0
   return config
