@@ -39,13 +39,18 @@ def make_report(accountant: accounting.PrivacyAccountant, *, dp: bool,
                 non_finite_examples_dropped: int,
                 target_epsilon: float | None, noise_seed_source: str,
                 sampler_seed_source: str, num_devices: int = 1,
-                num_processes: int = 1) -> dict[str, Any]:
+                num_processes: int = 1,
+                initialization: str = 'random') -> dict[str, Any]:
   """Assembles the report of a finished (or interrupted) run.
 
   ``num_devices`` and ``num_processes`` record where the run trained (the
   last run into the workdir, for a resumed one). They do not enter the
   epsilon: data-parallel steps release the same mechanism, the noise added
   once to the sum over all devices.
+
+  ``initialization`` says where the initial parameters came from. The
+  epsilon charges nothing for them, so they must not depend on the private
+  data (random, or trained on public data only).
 
   ``noise_multiplier``, ``sampling_prob`` and ``steps`` describe the main
   phase (the last one); ``phases`` lists every phase composed, pre-training
@@ -58,6 +63,7 @@ def make_report(accountant: accounting.PrivacyAccountant, *, dp: bool,
             'privacy_unit': 'none (non-private)',
             'num_examples': num_examples,
             'num_devices': num_devices, 'num_processes': num_processes,
+            'initialization': initialization,
             'not_covered_by_the_guarantee': ['everything: not trained with DP']}
   phases = accountant.phases
   last = phases[-1] if phases else accounting.Phase(0.0, 0.0, 0)
@@ -84,6 +90,7 @@ def make_report(accountant: accounting.PrivacyAccountant, *, dp: bool,
       'dp_accounting_version': importlib.metadata.version('dp-accounting'),
       'num_devices': num_devices,
       'num_processes': num_processes,
+      'initialization': initialization,
   }
 
 

@@ -74,6 +74,7 @@ from dplh_jax.hyperface import metric_writer
 from dplh_jax.hyperface import model_setup
 from dplh_jax.hyperface import parallel
 from dplh_jax.hyperface import progress as progress_lib
+from dplh_jax.hyperface import public_init
 from dplh_jax.hyperface import train_step as step_lib
 from dplh_jax.hyperface import workdir as workdir_lib
 
@@ -168,7 +169,10 @@ def _run(config, workdir, data, checkpointer):
   spec = step_lib.StepSpec.from_config(config, model, weighting,
                                        plan.noise_multiplier, plan.num_steps)
   tx = step_lib.make_optimizer(spec, noise_key)
-  params = model_setup.init_params(config, model)
+  # A resumed run restores its params: the template needs only their shapes
+  # (and the public source may be gone).
+  params = (public_init.initial_params(config, model) if record is None
+            else model_setup.init_params(config, model))
   # Committed (replicated on the mesh) like a restored checkpoint, so a
   # resumed run reuses the compiled step instead of compiling a second one.
   state = parallel.put_replicated(
@@ -318,7 +322,8 @@ def _run(config, workdir, data, checkpointer):
       privacy_unit=config.privacy_unit,
       non_finite_examples_dropped=non_finite,
       target_epsilon=config.target_epsilon, noise_seed_source=noise_source,
-      sampler_seed_source=sampler_source, **layout.describe())
+      sampler_seed_source=sampler_source,
+      initialization=public_init.describe(config), **layout.describe())
   if layout.is_main:
     privacy_report.write_report(report,
                                 os.path.join(workdir, 'privacy_report.json'))

@@ -64,6 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
   # post-processing of the DP release, so free. With it on, evaluation,
   # checkpoints' use and export read the average (train_step.averaged).
   config.ema_decay = 0.0
+  # Start from a model trained on PUBLIC data (a dplh-train workdir or a
+  # dplh-export file; '' = random init): free under DP only if it never saw
+  # this run's data (public_init.py; e.g. the public_pretrain config).
+  config.init_params_from = ''
   # Per-example clipping: 'one_pass' (one forward and backward for the whole
   # chunk, dplh_jax.dp.one_pass_clipping) or 'vmap' (jax.vmap(jax.grad)); same
   # clipped sum and guarantee; one-pass is the faster on CPU (BENCHMARKS.md).

@@ -74,6 +74,16 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
           name='demo', description='20,000 + 2,000 images of 112 px.',
           scene=synthetic_scene.SceneConfig(image_size=112),
           num_train=20_000, num_test=2_000),
+      # Another seed: the same law, other images. Stand-ins for public data
+      # to pre-train on before DP training on 'tiny' / 'demo'.
+      SyntheticFacesConfig(
+          name='tiny_public', description="'tiny' rendered from seed 1.",
+          scene=synthetic_scene.SceneConfig(image_size=64, max_faces=2),
+          num_train=24, num_test=8, seed=1),
+      SyntheticFacesConfig(
+          name='demo_public', description="'demo' rendered from seed 1.",
+          scene=synthetic_scene.SceneConfig(image_size=112),
+          num_train=20_000, num_test=2_000, seed=1),
   ]
   DEFAULT_CONFIG_NAME = 'demo'
 
