@@ -15,7 +15,11 @@ models; needs flax; ``one_pass_probe`` checks what it can handle),
 within a budget), ``privacy_report`` (the report and its recomputation),
 ``noise_keys`` (secret keys, seed provenance), ``run_binding`` (a workdir
 bound to its config and counters, one process at a time), ``audit``
-(one-run epsilon lower bounds), ``sensitivity_audit`` (an attacker's check of
+(one-run epsilon lower bounds), ``gradient_canaries`` (the white-box
+one-run audit of the mechanism with gradient canaries),
+``gradient_canary_simulation`` (that audit run on the aggregation alone, with
+the hook for broken variants),
+``sensitivity_audit`` (an attacker's check of
 sensitivity C on random Flax models; needs flax).
 
 Nothing here imports the face application (``dplh_jax.hyperface``).

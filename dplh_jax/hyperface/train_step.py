@@ -159,18 +159,29 @@ def clipped_sum_fn(spec: StepSpec):
       spec.l2_norm_clip, has_aux=True, microbatch_size=spec.microbatch_size)
 
 
-def make_train_step(spec: StepSpec, mesh: jax.sharding.Mesh | None = None):
+def make_train_step(spec: StepSpec, mesh: jax.sharding.Mesh | None = None,
+                    clipped_sum_wrapper=None):
   """The pure step ``(state, batch, rng) -> (state, metrics)``.
 
   With a ``mesh``, the batch is sharded along its ``'data'`` axis: each
   device clips and sums its block and the sums are added
   (``parallel.sharded_clipped_sum``) before the noise, added once.
+
+  ``clipped_sum_wrapper`` (audits only, DP only; None in training) maps the
+  step's clipped-sum function to another with its signature, e.g.
+  ``gradient_canaries.with_gradient_canaries`` adding canary gradients to
+  the (global) clipped sum before the noise.
   """
   example_loss = functools.partial(losses.loss_from_outputs,
                                    weighting=spec.weighting)
   clipped_sum = clipped_sum_fn(spec) if spec.dp else None
   if clipped_sum is not None and mesh is not None:
     clipped_sum = parallel.sharded_clipped_sum(clipped_sum, mesh)
+  if clipped_sum_wrapper is not None:
+    if not spec.dp:
+      raise ValueError('clipped_sum_wrapper needs a DP step (config.dp=True)'
+                       '; a non-private step has no clipped sum to wrap.')
+    clipped_sum = clipped_sum_wrapper(clipped_sum)
   # The construction key is never read by update(): the key is in the state.
   tx = make_optimizer(spec, noise_key=0)
 

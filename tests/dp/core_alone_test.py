@@ -26,6 +26,7 @@ _SCRIPT = textwrap.dedent('''
     import dplh_jax
     from dplh_jax.dp import (accounting, audit, batch_iterator,
                              batch_selection, clip_norms, dp_transform,
+                             gradient_canaries, gradient_canary_simulation,
                              noise_keys, per_example, privacy_plan,
                              privacy_report, private_setup, run_binding)
     assert not any(m.startswith('dplh_jax.hyperface') for m in sys.modules)

@@ -1,6 +1,8 @@
 """The train step's public options: learning-rate schedules and the
 parameter average."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,3 +61,15 @@ def test_without_an_average_the_last_params_are_evaluated():
   state = train_step.initial_state({'w': jnp.zeros(3)}, (), ema_decay=0.0)
   assert state.averaged_params is None
   assert train_step.evaluated_params(state) is state.params
+
+
+def test_a_clipped_sum_wrapper_wraps_the_dp_sum_and_needs_a_dp_step():
+  wrapped = []  # what the wrapper is given: the step's clipped-sum function
+  train_step.make_train_step(
+      _spec('constant', 0),
+      clipped_sum_wrapper=lambda fn: wrapped.append(fn) or fn)
+  assert len(wrapped) == 1 and callable(wrapped[0])
+  with pytest.raises(ValueError, match='clipped_sum_wrapper needs a DP step'):
+    train_step.make_train_step(
+        dataclasses.replace(_spec('constant', 0), dp=False),
+        clipped_sum_wrapper=lambda fn: fn)
