@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 OPTIMIZERS = ('sgd', 'momentum', 'adam')
@@ -9,6 +11,7 @@ TASK_WEIGHTINGS = ('uncertainty', 'fixed')
 INITIAL_TASK_WEIGHTS = ('hyperface', 'equal')
 CLIPPING_METHODS = ('one_pass', 'vmap')
 LEARNING_RATE_SCHEDULES = ('constant', 'cosine')
+TASK_FEATURES = ('shared', 'cross_sec')  # models.TASK_FEATURE_KINDS
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -24,6 +27,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        f'use one of {TASK_WEIGHTINGS}')
   need(config.initial_task_weights in INITIAL_TASK_WEIGHTS,
        'initial_task_weights', f'use one of {INITIAL_TASK_WEIGHTS}')
+  need(config.task_features in TASK_FEATURES, 'task_features',
+       f'use one of {TASK_FEATURES}')
+  need(math.isfinite(config.decorrelation_weight)
+       and config.decorrelation_weight >= 0, 'decorrelation_weight',
+       'must be finite and >= 0 (0: off)')
+  need(config.decorrelation_weight == 0 or config.task_features == 'cross_sec',
+       'decorrelation_weight', "needs task_features='cross_sec' (shared "
+       'features are one copy for every task: the penalty would be constant)')
   need(config.num_positives <= config.num_proposals, 'num_positives',
        f'must be <= num_proposals={config.num_proposals}')
   for field in ('log_every', 'checkpoint_every', 'eval_batch_size'):

@@ -25,10 +25,15 @@ Which proposals feed which task (DPLH): detection uses every non-ignored
 proposal; landmarks (masked by visibility), visibility, pose and gender use
 the positives (label 1) whose label is available. Each task loss is the mean
 over its own contributing terms; with no term it is exactly 0 (gradient 0).
+
+With a Cross-SEC model and a :class:`Decorrelated` weighting, the image's
+loss also holds the de-correlation term (:func:`decorrelation_loss`), so it
+is inside the image's clipped gradient like the task losses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -160,6 +165,64 @@ def task_losses(outputs: Mapping[str, jax.Array], targets: Targets
   return losses, counts
 
 
+# Added to the squared norms of the centered descriptors before the division,
+# so that a constant (or all-zero) descriptor gives correlation 0, not NaN.
+_DESCRIPTOR_EPSILON = 1e-12
+
+
+def decorrelation_loss(descriptors: jax.Array, valid: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Mean squared correlation between different tasks' channel descriptors.
+
+  For each crop and each pair of tasks ``s < t``, ``r_st`` is the Pearson
+  correlation over channels of their descriptors (centered over channels,
+  then the cosine; cross_sec.py defines ``d_t``); the loss is the mean of
+  ``r_st^2`` over the pairs and the valid crops. It is 0 exactly when every
+  pair of centered descriptors is orthogonal, about 1 for copies (whose
+  centered squared norm is far above the 1e-12 added to it); for independent random descriptors of ``C`` channels its
+  expectation is ``1 / (C - 1)``, the chance correlation of ``C`` samples.
+  Computed from one image's crops alone.
+
+  Args:
+    descriptors: ``(K, T, C)`` of one image.
+    valid: ``(K,)`` bool, the crops that count (non-ignored proposals).
+
+  Returns:
+    ``(loss, number of valid crops)``.
+  """
+  centered = descriptors - jnp.mean(descriptors, axis=-1, keepdims=True)
+  unit = centered * jax.lax.rsqrt(
+      jnp.sum(centered**2, axis=-1, keepdims=True) + _DESCRIPTOR_EPSILON)
+  correlation = jnp.einsum('ksc,ktc->kst', unit, unit)
+  num_tasks = descriptors.shape[-2]
+  pairs = jnp.triu(jnp.ones((num_tasks, num_tasks), bool), k=1)
+  per_crop = jnp.sum(jnp.where(pairs, correlation**2, 0.0), axis=(-2, -1)) / (
+      max(1, num_tasks * (num_tasks - 1) // 2))
+  return masked_mean(per_crop, valid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decorrelated:
+  """A task weighting plus the de-correlation loss at a FIXED weight.
+
+  ``loss = base loss + weight * decorrelation_loss``. The weight is a
+  hyper-parameter (``config.decorrelation_weight``), not learned: a learned
+  weight would only learn to switch the penalty off. Needs a Cross-SEC model
+  (its ``TASK_DESCRIPTORS`` output).
+
+  Attributes:
+    base: the task weighting (fixed or uncertainty).
+    weight: the de-correlation weight, > 0.
+  """
+
+  base: task_weighting.Weighting
+  weight: float
+
+  def combine(self, params, losses: Mapping[str, jax.Array],
+              counts: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+    return self.base.combine(params, losses, counts)
+
+
 def per_image_loss(params, example: Mapping[str, jax.Array],
                    rng: jax.Array | None, *, model: nn.Module,
                    weighting: task_weighting.Weighting
@@ -187,7 +250,8 @@ def per_image_loss(params, example: Mapping[str, jax.Array],
       sampled. A mask keyed by the slot would change for every image after
       a removed one, and the clipped sum would move by more than ``C``.
     model: a ``HyperFace`` module.
-    weighting: how task losses combine (``task_weighting``).
+    weighting: how task losses combine (``task_weighting``); a
+      :class:`Decorrelated` one adds the de-correlation term.
 
   Returns:
     ``(loss, aux)``: the scalar loss and metrics ``{'total_loss': loss,
@@ -214,5 +278,13 @@ def loss_from_outputs(params, outputs: Mapping[str, jax.Array],
   """
   losses, counts = task_losses(outputs, example)
   loss, weighting_metrics = weighting.combine(params, losses, counts)
+  if isinstance(weighting, Decorrelated):
+    if models.TASK_DESCRIPTORS not in outputs:
+      raise ValueError('a Decorrelated weighting needs a model with '
+                       "task_features='cross_sec' (no task descriptors).")
+    penalty, _ = decorrelation_loss(outputs[models.TASK_DESCRIPTORS],
+                                    example['detection_label'] >= 0)
+    loss = loss + weighting.weight * penalty
+    weighting_metrics = {**weighting_metrics, 'decorrelation_loss': penalty}
   return loss, {'total_loss': loss, 'task_losses': losses,
                 'task_counts': counts, **weighting_metrics}

@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import ml_collections
 
+from dplh_jax.hyperface import losses
 from dplh_jax.hyperface import models
 from dplh_jax.hyperface import task_weighting
 
 
 def build_model(config: ml_collections.ConfigDict):
-  """The HyperFace module and the task weighting it is trained with."""
+  """The HyperFace module and the task weighting it is trained with.
+
+  Configs written before Cross-SEC (released files, old workdirs) lack its
+  fields and get the shared model, which is what they trained.
+  """
   model = models.HyperFace(
       models.HyperFaceConfig(
           input_size=config.input_size,
           width_multiplier=config.width_multiplier,
           conv1_kernel=config.conv1_kernel, conv1_stride=config.conv1_stride,
-          dropout_rate=config.dropout_rate),
+          dropout_rate=config.dropout_rate,
+          task_features=config.get('task_features', models.SHARED),
+          cross_task_gates=config.get('cross_task_gates', True)),
       learn_task_weights=config.task_weighting == 'uncertainty')
   if config.task_weighting == 'uncertainty':
-    return model, task_weighting.UncertaintyWeighting()
-  return model, task_weighting.FixedWeighting()
+    weighting = task_weighting.UncertaintyWeighting()
+  else:
+    weighting = task_weighting.FixedWeighting()
+  decorrelation_weight = config.get('decorrelation_weight', 0.0)
+  if decorrelation_weight:
+    weighting = losses.Decorrelated(weighting, float(decorrelation_weight))
+  return model, weighting
 
 
 def init_params(config: ml_collections.ConfigDict, model: models.HyperFace):

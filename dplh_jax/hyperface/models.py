@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dplh_jax.hyperface import cross_sec
+
 # The five HyperFace tasks, in the order used for every per-task vector (for
 # example the learned log sigma^2 parameter).
 TASK_NAMES = ('detection', 'landmarks', 'visibility', 'pose', 'gender')
@@ -43,6 +45,18 @@ TASK_OUTPUT_SIZES = {
 LOG_SIGMA_SQ = 'log_sigma_sq'
 # Name of the shared trunk submodule.
 TRUNK = 'trunk'
+# What the heads read (HyperFaceConfig.task_features): the one shared fc_full
+# vector, or each task its own Cross-SEC-gated features (cross_sec.py).
+SHARED, CROSS_SEC = 'shared', 'cross_sec'
+TASK_FEATURE_KINDS = (SHARED, CROSS_SEC)
+# Name of the Cross-SEC submodule inside the trunk.
+CROSS_SEC_GATES = 'cross_sec'
+# Extra output of a Cross-SEC model: the (K, num_tasks, channels) channel
+# descriptors the de-correlation loss reads (losses.decorrelation_loss).
+TASK_DESCRIPTORS = 'task_descriptors'
+# Sown into the 'intermediates' collection: {task: (K, width) features its
+# head reads}, for the leakage probes (leakage.py).
+TASK_FEATURES = 'task_features'
 
 _POOL_KERNEL, _POOL_STRIDE = 3, 2  # max1, max2, pool5
 # Crops arrive as RGB in [0, 1]; the trunk first maps them to about zero mean
@@ -67,6 +81,12 @@ class HyperFaceConfig:
     dropout_rate: dropout after fc_full and after each head's hidden layer.
     group_norm_groups: if set, GroupNorm with this many groups after every
       convolution (per crop, so still per example); None means no norm layer.
+    task_features: ``'shared'`` (HyperFace: every head reads fc_full) or
+      ``'cross_sec'``: one Cross-SEC gate per task on conv_all's map
+      (cross_sec.py), each gated map through the one fc_full layer, and each
+      head reading only its own task's features.
+    cross_task_gates: with ``'cross_sec'``, each task's gate also sees the
+      other tasks' descriptors (cross_sec.py, step 3).
   """
 
   input_size: int = 227
@@ -75,6 +95,13 @@ class HyperFaceConfig:
   conv1_stride: int = 4
   dropout_rate: float = 0.5
   group_norm_groups: int | None = None
+  task_features: str = SHARED
+  cross_task_gates: bool = True
+
+  def __post_init__(self):
+    if self.task_features not in TASK_FEATURE_KINDS:
+      raise ValueError(f'task_features={self.task_features!r}: use one of '
+                       f'{TASK_FEATURE_KINDS}.')
 
   @classmethod
   def small(cls) -> 'HyperFaceConfig':
@@ -162,6 +189,9 @@ class HyperFaceTrunk(nn.Module):
 
   Shared by :class:`HyperFace` and any single-task model, so that detection
   pre-training (DPLH 3.2.1) can initialize the multi-task model's trunk.
+  With ``task_features='cross_sec'`` it gates conv_all's map once per task
+  (``cross_sec.CrossSEC``) and runs the one fc_full layer on all the gated
+  maps in a single call (so one-pass clipping sees each weight read once).
   """
 
   config: HyperFaceConfig
@@ -178,8 +208,12 @@ class HyperFaceTrunk(nn.Module):
 
   @nn.compact
   def __call__(self, crops: jax.Array, *, deterministic: bool = True
-               ) -> jax.Array:
-    """Maps crops ``(K, H, W, 3)``, RGB in [0, 1], to ``(K, fc_full width)``."""
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Maps crops ``(K, H, W, 3)``, RGB in [0, 1], to ``(K, fc_full width)``.
+
+    With Cross-SEC: ``((K, num_tasks, fc_full width), (K, num_tasks,
+    conv_all width))``, each task's features and channel descriptors.
+    """
     cfg = self.config
     if crops.shape[-3:] != (cfg.input_size, cfg.input_size, 3):
       raise ValueError(f'expected crops (..., {cfg.input_size}, '
@@ -201,9 +235,16 @@ class HyperFaceTrunk(nn.Module):
     pool5 = _max_pool(conv5)
     fused = jnp.concatenate([conv1a, conv3a, pool5], axis=-1)
     conv_all = self._conv(fused, 192, 1, 1, 0, 'conv_all')
+    if cfg.task_features == CROSS_SEC:
+      conv_all, descriptors = cross_sec.CrossSEC(
+          TASK_NAMES, cfg.cross_task_gates, name=CROSS_SEC_GATES)(conv_all)
     flat = conv_all.reshape(conv_all.shape[:-3] + (-1,))
     fc_full = nn.relu(nn.Dense(cfg.width(3072), name='fc_full')(flat))
-    return nn.Dropout(cfg.dropout_rate)(fc_full, deterministic=deterministic)
+    features = nn.Dropout(cfg.dropout_rate)(fc_full,
+                                            deterministic=deterministic)
+    if cfg.task_features == CROSS_SEC:
+      return features, descriptors
+    return features
 
 
 class TaskHead(nn.Module):
@@ -250,21 +291,32 @@ class HyperFace(nn.Module):
 
     Returns:
       A dict keyed by task name with ``(K, TASK_OUTPUT_SIZES[task])`` outputs:
-      detection and gender are logits, the rest are regressions.
+      detection and gender are logits, the rest are regressions. A Cross-SEC
+      model adds ``TASK_DESCRIPTORS``, ``(K, num_tasks, channels)``. The
+      features each head reads are sown as ``TASK_FEATURES`` into
+      'intermediates' (read with ``mutable=['intermediates']``).
     """
     if self.learn_task_weights:
       # Declared here (not in the loss) so it is a trainable model parameter;
       # the loss reads it back from the params tree under LOG_SIGMA_SQ.
       self.param(LOG_SIGMA_SQ, nn.initializers.zeros, (len(TASK_NAMES),),
                  jnp.float32)
-    features = HyperFaceTrunk(self.config, name=TRUNK)(
+    trunk = HyperFaceTrunk(self.config, name=TRUNK)(
         crops, deterministic=deterministic)
+    extra = {}
+    if self.config.task_features == CROSS_SEC:
+      per_task, extra[TASK_DESCRIPTORS] = trunk
+      features = {task: per_task[..., i, :]
+                  for i, task in enumerate(TASK_NAMES)}
+    else:
+      features = {task: trunk for task in TASK_NAMES}
+    self.sow('intermediates', TASK_FEATURES, features)
     return {
         task: TaskHead(self.config, TASK_OUTPUT_SIZES[task],
-                       name=f'{task}_head')(features,
+                       name=f'{task}_head')(features[task],
                                             deterministic=deterministic)
         for task in TASK_NAMES
-    }
+    } | extra
 
 
 def apply_to_images(model: nn.Module, params, crops: jax.Array,

@@ -26,6 +26,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.conv1_kernel = 5
   config.conv1_stride = 2
   config.dropout_rate = 0.0
+  # What the heads read: 'shared' (HyperFace: one fc_full vector for all) or
+  # 'cross_sec' (one squeeze-excitation channel gate per task on the fused
+  # map, each head reading only its own gated features; cross_sec.py), with
+  # or without the gate's cross-task term.
+  config.task_features = 'shared'
+  config.cross_task_gates = True
+  # Weight of the de-correlation loss between the tasks' Cross-SEC channel
+  # descriptors (losses.decorrelation_loss), inside each image's clipped
+  # gradient; fixed, not learned. 0: off. Needs task_features='cross_sec'.
+  config.decorrelation_weight = 0.0
   # Task weights: 'fixed' (HyperFace's 1, 5, 0.5, 5, 2) or 'uncertainty'
   # (DPLH Eq. 7: learned log sigma^2, inside the clip). In the short demo
   # run the learned weights grow like 1 / loss and hand the shared clip to
