@@ -251,6 +251,27 @@ class ClipFactors:
     return jnp.sum(factor * selected, axis=0)
 
 
+def float32_dot(weights: jax.Array, rows: jax.Array) -> jax.Array:
+  """``sum_i weights[i] * rows[i]`` for ``(n,)`` weights and ``(n, d)`` rows,
+  in float32 arithmetic on every backend.
+
+  ``Precision.HIGHEST``, because the default precision of a matrix product
+  is backend-dependent: TF32 (10 mantissa bits) on recent NVIDIA GPUs and one
+  bfloat16 pass (8 bits) on TPUs round each operand by up to ``2**-11`` or
+  ``2**-8`` relative, so an example clipped to norm ``C`` could add up to
+  ``C (1 + 2**-8)``. HIGHEST is IEEE float32 on CPU and GPU and a multi-pass
+  bfloat16 emulation with float32-level error on TPU; an explicit precision
+  also overrides ``jax_default_matmul_precision``. On CPU and GPU each
+  product ``weights[i] * rows[i, j]`` is rounded once (relative ``2**-24``
+  when normal) and accumulated in float32, as in an elementwise sum; on TPU
+  the error is float32-level, a few ``2**-24`` per product, not one
+  rounding.
+  """
+  return jnp.tensordot(weights.astype(jnp.float32), rows.astype(jnp.float32),
+                       axes=1, precision=jax.lax.Precision.HIGHEST,
+                       preferred_element_type=jnp.float32)
+
+
 def group_clip_factors(
     group_norms: Sequence[ScaledNorm], is_finite: jax.Array,
     is_real: jax.Array, l2_norm_clips: Sequence[float | jax.Array],
