@@ -69,3 +69,21 @@ def test_clip_parts_times_each_piece():
     rounding = 0.005 + ms / base * (0.05 / ms + 0.05 / base)
     assert float(cell[2].rstrip(' |')) == pytest.approx(ms / base,
                                                         abs=rounding)
+
+
+def test_engineer_path_compares_our_aggregate_with_optax_contrib():
+  out = subprocess.run(
+      [sys.executable, os.path.join(EXPERIMENTS, 'bench_engineer_path.py'),
+       '--models=mlp', '--rounds=1'], check=True, capture_output=True,
+      text=True, env=os.environ | {'JAX_PLATFORMS': 'cpu'}).stdout
+  rows = [line.split(' | ') for line in out.splitlines()
+          if line.startswith('| mlp')]
+  assert [row[2] for row in rows] == ['aggregate', 'step']
+  for row in rows:
+    assert row[1] == '88'  # the Poisson batch of 64 expected, padded
+    ours, contrib = float(row[3]), float(row[4])
+    assert ours > 0 and contrib > 0
+    # Printed to 0.01 ms and the ratio to 0.01, from unrounded times.
+    ratio = float(row[5].strip(' |*'))
+    rounding = 0.005 + 0.005 / contrib + 0.005 * ours / contrib ** 2
+    assert ratio == pytest.approx(ours / contrib, abs=rounding + 1e-9)

@@ -301,14 +301,14 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_one_line(
   the same command finishes the run with every step accounted once."""
   workdir = str(tmp_path / 'signalled')
   command = [sys.executable, *MAIN, '--config', TINY_CONFIG_FILE,
-             f'--config.data_dir={data_dir}', '--config.num_epochs=25',
+             f'--config.data_dir={data_dir}', '--config.num_epochs=8',
              '--config.target_epsilon=1000',
              '--config.checkpoint_every=1000', '--workdir', workdir]
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
   process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
                              env=env)
   for line in process.stderr:
-    if line.startswith('step 3/100'):
+    if line.startswith('step 3/32'):
       process.send_signal(signal_number)
       break
   rest = process.stderr.read()
@@ -316,7 +316,7 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_one_line(
   assert 'Traceback' not in rest, rest
   last = rest.strip().splitlines()[-1]
   step = int(last.split('interrupted at step ')[1].split(',')[0])
-  assert 3 <= step < 100
+  assert 3 <= step < 32
   assert last.endswith('checkpoint saved; re-run the same command to '
                        'resume.')
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', str(step)))
@@ -327,10 +327,10 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_one_line(
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f'Resumed from step {step}.' in resumed.stderr
   with open(os.path.join(workdir, 'privacy_report.json')) as f:
-    assert json.load(f)['steps'] == 100
+    assert json.load(f)['steps'] == 32
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     steps = [json.loads(l)['step'] for l in f if '"train"' in l]
-  assert steps == list(range(1, 101))
+  assert steps == list(range(1, 33))
 
 
 def test_the_total_loss_is_logged_and_a_constant_baseline_returned(
