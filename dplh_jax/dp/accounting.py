@@ -48,11 +48,17 @@ def _check_delta(delta: float) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """``steps`` Poisson-sampled Gaussian steps with one ``(sigma, q)``."""
+  """``steps`` Poisson-sampled Gaussian steps with one ``(sigma, q)``.
+
+  ``name`` labels the phase (e.g. ``'detection_pretrain'``) in records and
+  reports; it does not enter the epsilon. ``''`` (the default) is an
+  unnamed phase, as in records written before phases had names.
+  """
 
   noise_multiplier: float
   sampling_prob: float
   steps: int
+  name: str = ''
 
   def __post_init__(self):
     if not self.noise_multiplier >= 0:
@@ -64,6 +70,16 @@ class Phase:
     if isinstance(self.steps, bool) or not isinstance(self.steps, int) or (
         self.steps < 0):
       raise ValueError(f'steps must be an int >= 0, got {self.steps!r}.')
+    if not isinstance(self.name, str):
+      raise ValueError(f'name must be a str, got {self.name!r}.')
+
+  def to_dict(self) -> dict[str, Any]:
+    """The record of the phase; an unnamed one has no ``name`` key, so
+    records of runs without named phases are what they always were."""
+    record = dataclasses.asdict(self)
+    if not self.name:
+      del record['name']
+    return record
 
   def dp_event(self) -> dp_accounting.DpEvent:
     step = dp_accounting.PoissonSampledDpEvent(
@@ -112,6 +128,44 @@ def _epsilon_of_phases(phases: Sequence[Phase], delta: float,
       neighboring_relation=_NEIGHBORING_RELATION)
   acc.compose(dp_accounting.ComposedDpEvent([p.dp_event() for p in phases]))
   return float(acc.get_epsilon(delta))
+
+
+# Steps planned at one (sigma, q): a count, or (phase name, count) pairs of
+# consecutive phases (e.g. pre-training, then the main run), each recorded
+# as its own phase.
+PlannedSteps = int | Sequence[tuple[str, int]]
+
+
+def _planned_phases(noise_multiplier: float, sampling_prob: float,
+                    steps: PlannedSteps, minimum: int = 0) -> list[Phase]:
+  """The phases ``steps`` plans, in order; raises unless they hold at least
+  ``minimum`` steps."""
+  try:
+    pairs = [('', steps)] if hasattr(steps, '__index__') else [
+        (name, count) for name, count in steps]
+    phases = [Phase(noise_multiplier, sampling_prob,
+                    n if isinstance(n, bool) else operator.index(n), name)
+              for name, n in pairs]
+  except TypeError as error:
+    raise ValueError(f'steps must be an int or (name, steps) pairs, got '
+                     f'{steps!r}.') from error
+  if sum(p.steps for p in phases) < minimum:
+    raise ValueError(f'steps must plan at least {minimum} step(s), got '
+                     f'{steps!r}.')
+  return phases
+
+
+def _with_composed(phases: Sequence[Phase], new: Phase) -> list[Phase]:
+  """``phases`` then ``new``, merged into the last phase when it has the same
+  (sigma, q, name): what :meth:`PrivacyAccountant.compose` records."""
+  phases = list(phases)
+  last = phases[-1] if phases else None
+  if last and (last.noise_multiplier, last.sampling_prob, last.name) == (
+      new.noise_multiplier, new.sampling_prob, new.name):
+    phases[-1] = dataclasses.replace(last, steps=last.steps + new.steps)
+  else:
+    phases.append(new)
+  return phases
 
 
 def epsilon(noise_multiplier: float, sampling_prob: float, steps: int,
@@ -183,8 +237,8 @@ def bisect(fits: Callable[[Any], bool], *, failing: Any, passing: Any,
 
 
 def calibrate_noise_multiplier(
-    target_epsilon: float, delta: float, sampling_prob: float, steps: int,
-    accountant: str = 'pld', rtol: float = 1e-3,
+    target_epsilon: float, delta: float, sampling_prob: float,
+    steps: PlannedSteps, accountant: str = 'pld', rtol: float = 1e-3,
     prior_phases: Sequence[Phase] = ()) -> float:
   """The smallest noise multiplier whose epsilon is at most the target.
 
@@ -196,7 +250,9 @@ def calibrate_noise_multiplier(
     target_epsilon: Budget, > 0.
     delta: Target delta.
     sampling_prob: Poisson sampling rate ``q``, in (0, 1].
-    steps: Number of steps planned, >= 1.
+    steps: Number of steps planned, >= 1; or ``(name, steps)`` pairs of
+      consecutive phases at the one sigma (e.g. pre-training, then the main
+      run), accounted as the separate phases they will be recorded as.
     accountant: ``'pld'`` or ``'rdp'``.
     rtol: Relative width of the final sigma bracket, in [1e-9, 1).
     prior_phases: Phases already spent on the same data (e.g. pre-training);
@@ -208,8 +264,7 @@ def calibrate_noise_multiplier(
   if not target_epsilon > 0 or math.isinf(target_epsilon):
     raise ValueError(
         f'target_epsilon must be finite and > 0, got {target_epsilon!r}.')
-  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-    raise ValueError(f'steps must be an int >= 1, got {steps!r}.')
+  _planned_phases(1.0, 0.0, steps, minimum=1)  # validates steps
   if not 0 < sampling_prob <= 1:
     raise ValueError(
         f'sampling_prob must be in (0, 1], got {sampling_prob!r}.')
@@ -221,10 +276,13 @@ def calibrate_noise_multiplier(
   if _epsilon_of_phases(prior, delta, accountant) >= target_epsilon:
     raise ValueError(f'Earlier phases already spend target_epsilon='
                      f'{target_epsilon}; nothing is left for new steps.')
-  return _bisect_noise(
-      lambda sigma: _epsilon_of_phases(
-          prior + [Phase(sigma, sampling_prob, steps)], delta, accountant),
-      target_epsilon, rtol)
+  def epsilon_at(sigma: float) -> float:
+    phases = prior
+    for phase in _planned_phases(sigma, sampling_prob, steps):
+      phases = _with_composed(phases, phase)
+    return _epsilon_of_phases(phases, delta, accountant)
+
+  return _bisect_noise(epsilon_at, target_epsilon, rtol)
 
 
 class PrivacyAccountant:
@@ -260,42 +318,45 @@ class PrivacyAccountant:
     return sum(p.steps for p in self._phases)
 
   def compose(self, noise_multiplier: float, sampling_prob: float,
-              steps: int = 1) -> None:
-    """Records ``steps`` more Poisson-sampled Gaussian steps."""
-    noise_multiplier, sampling_prob = float(noise_multiplier), float(
-        sampling_prob)
-    steps = operator.index(steps)
-    new = Phase(noise_multiplier, sampling_prob, steps)
-    last = self._phases[-1] if self._phases else None
-    if last and (last.noise_multiplier, last.sampling_prob) == (
-        noise_multiplier, sampling_prob):
-      self._phases[-1] = dataclasses.replace(last, steps=last.steps + steps)
-    else:
-      self._phases.append(new)
+              steps: int = 1, name: str = '') -> None:
+    """Records ``steps`` more Poisson-sampled Gaussian steps.
+
+    They extend the last phase if it has the same ``(sigma, q, name)``, else
+    start a phase of their own: steps of two named phases never merge, even
+    at the same (sigma, q).
+    """
+    self._phases = _with_composed(self._phases, Phase(
+        float(noise_multiplier), float(sampling_prob), operator.index(steps),
+        name))
 
   def epsilon(self, delta: float) -> float:
     """Epsilon of everything composed so far, at ``delta``."""
     return _epsilon_of_phases(self._phases, delta, self.accountant)
 
   def calibrate_noise_multiplier(self, target_epsilon: float, delta: float,
-                                 sampling_prob: float, steps: int) -> float:
-    """Smallest sigma such that ``steps`` more steps keep the total epsilon,
-    earlier phases included, within ``target_epsilon``."""
+                                 sampling_prob: float,
+                                 steps: PlannedSteps) -> float:
+    """Smallest sigma such that ``steps`` more steps (a count, or ``(name,
+    steps)`` pairs) keep the total epsilon, earlier phases included, within
+    ``target_epsilon``."""
     return calibrate_noise_multiplier(
         target_epsilon, delta, sampling_prob, steps, self.accountant,
         prior_phases=self._phases)
 
   def epsilon_after(self, delta: float, noise_multiplier: float,
-                    sampling_prob: float, steps: int) -> float:
-    """Epsilon if ``steps`` more steps were composed (nothing is recorded)."""
+                    sampling_prob: float, steps: PlannedSteps) -> float:
+    """Epsilon if ``steps`` more steps (a count, or ``(name, steps)`` pairs
+    of consecutive phases) were composed; nothing is recorded."""
     planned = PrivacyAccountant(self.accountant, self._phases)
-    planned.compose(noise_multiplier, sampling_prob, steps)
+    for phase in _planned_phases(noise_multiplier, sampling_prob, steps):
+      planned.compose(phase.noise_multiplier, phase.sampling_prob,
+                      phase.steps, phase.name)
     return planned.epsilon(delta)
 
   def to_dict(self) -> dict[str, Any]:
     return {'accountant': self.accountant,
             'pld_discretization': PLD_DISCRETIZATION,
-            'phases': [dataclasses.asdict(p) for p in self._phases]}
+            'phases': [p.to_dict() for p in self._phases]}
 
   @classmethod
   def from_dict(cls, record: dict[str, Any]) -> 'PrivacyAccountant':

@@ -54,7 +54,9 @@ def make_report(accountant: accounting.PrivacyAccountant, *, dp: bool,
 
   ``noise_multiplier``, ``sampling_prob`` and ``steps`` describe the main
   phase (the last one); ``phases`` lists every phase composed, pre-training
-  included, and ``epsilon`` covers all of them. A non-private run has no
+  included (each with its ``name`` when it has one, e.g.
+  ``detection_pretrain`` then ``hyperface``; the name does not enter the
+  epsilon), and ``epsilon`` covers all of them. A non-private run has no
   guarantee: its ``epsilon`` is None (JSON null), never 0, which would claim
   perfect privacy.
   """
@@ -96,6 +98,9 @@ def make_report(accountant: accounting.PrivacyAccountant, *, dp: bool,
 
 def recompute_epsilon(report: dict[str, Any]) -> float:
   """Epsilon from the report's own fields, with dp-accounting only.
+
+  Each phase is its own ``SelfComposedDpEvent``, in the report's order, as
+  the accountant composed them (phase names are labels only).
 
   >>> report = {'accountant': 'rdp', 'delta': 1e-6, 'phases': [
   ...     {'noise_multiplier': 3.0, 'sampling_prob': 0.1, 'steps': 512}]}

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import ml_collections
+
+from dplh_jax.hyperface import models
 
 OPTIMIZERS = ('sgd', 'momentum', 'adam')
 TASK_WEIGHTINGS = ('uncertainty', 'fixed')
@@ -12,6 +15,7 @@ INITIAL_TASK_WEIGHTS = ('hyperface', 'equal')
 CLIPPING_METHODS = ('one_pass', 'vmap')
 LEARNING_RATE_SCHEDULES = ('constant', 'cosine')
 TASK_FEATURES = ('shared', 'cross_sec')  # models.TASK_FEATURE_KINDS
+CLIP_GROUPS = ('none', 'per_task')  # clip_groups.CLIP_GROUPS
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -22,11 +26,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   need(config.expected_batch_size > 0, 'expected_batch_size', 'must be > 0')
   need(config.num_epochs > 0, 'num_epochs', 'must be > 0')
+  need(math.isfinite(config.detection_pretrain_epochs)
+       and config.detection_pretrain_epochs >= 0, 'detection_pretrain_epochs',
+       'must be finite and >= 0 (0: no detection pre-training)')
   need(config.optimizer in OPTIMIZERS, 'optimizer', f'use one of {OPTIMIZERS}')
   need(config.task_weighting in TASK_WEIGHTINGS, 'task_weighting',
        f'use one of {TASK_WEIGHTINGS}')
   need(config.initial_task_weights in INITIAL_TASK_WEIGHTS,
        'initial_task_weights', f'use one of {INITIAL_TASK_WEIGHTS}')
+  bound = config.task_weight_bound
+  # Above 1e6 the bounded float32 weights (up to w0 * bound) can overflow.
+  need(math.isfinite(bound) and (bound == 0 or 1 < bound <= 1e6),
+       'task_weight_bound', 'must be 0 (unbounded) or a factor in (1, 1e6]')
+  need(bound == 0 or not config.get('init_params_from'),
+       'task_weight_bound', 'is centred on initial_task_weights, not on a '
+       "loaded model's learned weights: use init_params_from='' or "
+       'task_weight_bound=0')
+  need(bound == 0 or config.task_weighting == 'uncertainty',
+       'task_weight_bound', "bounds learned weights: set task_weighting="
+       "'uncertainty' or task_weight_bound=0")
+  need(config.clip_groups in CLIP_GROUPS, 'clip_groups',
+       f'use one of {CLIP_GROUPS}')
   need(config.task_features in TASK_FEATURES, 'task_features',
        f'use one of {TASK_FEATURES}')
   need(math.isfinite(config.decorrelation_weight)
@@ -37,6 +57,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        'features are one copy for every task: the penalty would be constant)')
   need(config.num_positives <= config.num_proposals, 'num_positives',
        f'must be <= num_proposals={config.num_proposals}')
+  multiplicity = config.augmentation_multiplicity
+  need(isinstance(multiplicity, numbers.Integral)
+       and not isinstance(multiplicity, bool) and multiplicity >= 1,
+       'augmentation_multiplicity',
+       'must be an int >= 1 (1: one view per image, off)')
   for field in ('log_every', 'checkpoint_every', 'eval_batch_size'):
     need(config[field] >= 1, field, 'must be >= 1')
   need(config.eval_every >= 0, 'eval_every',
@@ -52,6 +77,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
        'microbatch_size', 'must be None or >= 1')
   need(config.clipping in CLIPPING_METHODS, 'clipping',
        f'use one of {CLIPPING_METHODS}')
+  groups = config.get('group_norm_groups')
+  if groups is not None:
+    # HyperFace's convolutions have 96, 256, 384 and 192 filters in the
+    # paper (models.HyperFaceTrunk), scaled by width_multiplier.
+    widths = sorted({models.HyperFaceConfig(
+        width_multiplier=config.width_multiplier).width(filters)
+                     for filters in (96, 256, 384, 192)})
+    need(groups >= 1 and all(w % groups == 0 for w in widths),
+         'group_norm_groups', f'must divide every convolution\'s channel '
+         f'count {widths} (None: no GroupNorm)')
   for field in ('seed', 'noise_seed', 'sampler_seed'):
     need(config[field] is None or 0 <= config[field] < 2**32, field,
          'must be in [0, 2**32) (JAX keeps 32 bits of a seed, so larger '

@@ -83,6 +83,9 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
           f'config.num_train_examples={config.num_train_examples} exceeds '
           f'the {len(train)} training images of {config.dataset}.')
     train = _Prefix(train, config.num_train_examples)
+  # Configs written before augmentation multiplicity (released files, old
+  # workdirs) lack the field and trained with one view.
   return Data(train, sources['test'], input_pipeline.PipelineConfig(
       crop_size=config.input_size, num_proposals=config.num_proposals,
-      num_positives=config.num_positives))
+      num_positives=config.num_positives,
+      views=config.get('augmentation_multiplicity', 1)))

@@ -15,6 +15,7 @@ import jax
 from dplh_jax.hyperface import input_pipeline
 from dplh_jax.hyperface import metrics as metrics_lib
 from dplh_jax.hyperface import models
+from dplh_jax.hyperface import prefetching
 
 
 @functools.lru_cache(maxsize=4)
@@ -38,7 +39,7 @@ def eval_images(source, config) -> Any:
 def evaluate(eval_step, params, source, pipeline_config, config) -> dict:
   """Held-out metrics over the first ``num_eval_examples`` test images."""
   accumulator = metrics_lib.EvalAccumulator()
-  for batch in input_pipeline.prefetch(input_pipeline.eval_batches(
+  for batch in prefetching.prefetch(input_pipeline.eval_batches(
       eval_images(source, config), pipeline_config,
       batch_size=config.eval_batch_size,
       seed=config.seed)):

@@ -1,7 +1,8 @@
 """Random-access face source -> per-image examples of K proposals -> batches.
 
-One example is one image (the unit of privacy) with K proposals. A batch is
-a dict of NumPy arrays with a leading example axis B:
+One example is one image (the unit of privacy) with K proposals (M*K in
+training with ``views`` M > 1: augmentation_views.py). A batch is a dict of
+NumPy arrays with a leading example axis B:
 
 ==================== =============== ======= ================================
 key                  shape           dtype   meaning
@@ -27,7 +28,8 @@ their arrays are 0, with detection_label and gender -1 (no label), has_* False,
 so they add zero loss even before the is_padding_example mask is applied.
 
 Randomness never comes from global state: a training image draws its proposals
-and flip from ``default_rng([seed, 1, step, index])``; evaluation uses
+and flip from ``default_rng([seed, 1, step, index])`` (view v > 0 appends v);
+evaluation uses
 ``default_rng([seed, 2, index])`` and never flips, so it is the same in every
 epoch and every process. Here ``index`` is the image's source index
 (``image_index``), its identity: the randomness of an image depends only on
@@ -40,14 +42,14 @@ a batch carries no slot position: the model's dropout is keyed by
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+import functools
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from dplh_jax.dp import batch_selection
+from dplh_jax.hyperface import augmentation_views
 from dplh_jax.hyperface import proposals
 from dplh_jax.hyperface.datasets import face_schema
 
@@ -66,6 +68,8 @@ class PipelineConfig:
     jitter_per_face: candidate boxes jittered around each face.
     num_random: candidate boxes of random size and place.
     flip_probability: chance of mirroring a training image (never in eval).
+    views: augmented views M of each TRAINING image in its one example
+      (augmentation_views.py); evaluation always builds one.
   """
   crop_size: int = 64
   num_proposals: int = 8
@@ -73,6 +77,7 @@ class PipelineConfig:
   jitter_per_face: int = 16
   num_random: int = 16
   flip_probability: float = 0.5
+  views: int = 1
 
 
 def faces_from_record(record: dict[str, Any], index: int) -> proposals.Faces:
@@ -204,8 +209,9 @@ def build_batch(source: Sequence[dict[str, Any]], indices: np.ndarray,
     is_padding_example: (B,) bool; True slots are never read.
     config: the pipeline configuration.
     seed: seed of the proposal/flip randomness.
-    step: training step (training randomness, with flips); None for
-      deterministic evaluation.
+    step: training step (training randomness, with flips and
+      ``config.views`` views per image); None for deterministic evaluation
+      (one view).
 
   Returns:
     The batch dict described in the module docstring.
@@ -221,16 +227,19 @@ def build_batch(source: Sequence[dict[str, Any]], indices: np.ndarray,
     raise ValueError(f'indices {bad.tolist()} are outside the source of '
                      f'{len(source)} records.')
   records = _read(source, [int(i) for i in indices[real]])
-  padding = padding_example(config)
-  examples = [padding] * len(indices)
   train = step is not None
+  views = config.views if train else 1
+  # Padding has M*K proposals too, so every slot has one shape.
+  padding = augmentation_views.concatenate_views(
+      [padding_example(config)] * views)
+  examples = [padding] * len(indices)
   for slot, record in zip(real, records):
     index = int(indices[slot])
     entropy = ([seed, _TRAIN_STREAM, step, index] if train
                else [seed, _EVAL_STREAM, index])
-    examples[slot] = image_example(record, index,
-                                   np.random.default_rng(entropy), config,
-                                   train=train)
+    examples[slot] = augmentation_views.multi_view_example(
+        functools.partial(image_example, record, index, config=config,
+                          train=train), entropy, views)
   batch = {key: np.stack([example[key] for example in examples])
            for key in padding}
   batch['is_padding_example'] = is_padding_example
@@ -364,42 +373,3 @@ def eval_batches(source: Sequence[dict[str, Any]], config: PipelineConfig, *,
     indices[:stop - start] = np.arange(start, stop)
     yield build_batch(source, indices, indices < 0, config, seed=seed)
 
-
-def prefetch(iterator: Iterable[Any], buffer_size: int = 2) -> Iterator[Any]:
-  """Runs ``iterator`` in a background thread, ``buffer_size`` items ahead.
-
-  NumPy and JPEG decoding release the GIL, so batches are built while the
-  train step runs. An exception in the producer is re-raised here.
-  """
-  items: queue.Queue = queue.Queue(maxsize=buffer_size)
-  done = object()
-  stop = threading.Event()
-
-  def produce():
-    try:
-      for item in iterator:
-        if stop.is_set():
-          return
-        items.put((True, item))
-      items.put((True, done))
-    except BaseException as error:  # pylint: disable=broad-except
-      items.put((False, error))
-
-  thread = threading.Thread(target=produce, daemon=True)
-  thread.start()
-  try:
-    while True:
-      ok, item = items.get()
-      if not ok:
-        raise item
-      if item is done:
-        return
-      yield item
-  finally:
-    stop.set()
-    # Unblock a producer waiting on a full queue so the thread can end.
-    while thread.is_alive():
-      try:
-        items.get_nowait()
-      except queue.Empty:
-        thread.join(timeout=0.01)

@@ -22,9 +22,14 @@ def build_model(config: ml_collections.ConfigDict):
           conv1_kernel=config.conv1_kernel, conv1_stride=config.conv1_stride,
           dropout_rate=config.dropout_rate,
           task_features=config.get('task_features', models.SHARED),
-          cross_task_gates=config.get('cross_task_gates', True)),
+          cross_task_gates=config.get('cross_task_gates', True),
+          group_norm_groups=config.get('group_norm_groups')),
       learn_task_weights=config.task_weighting == 'uncertainty')
-  if config.task_weighting == 'uncertainty':
+  weight_bound = config.get('task_weight_bound', 0.0)
+  if config.task_weighting == 'uncertainty' and weight_bound:
+    weighting = task_weighting.BoundedUncertaintyWeighting.around(
+        initial_task_weights(config), weight_bound)
+  elif config.task_weighting == 'uncertainty':
     weighting = task_weighting.UncertaintyWeighting()
   else:
     weighting = task_weighting.FixedWeighting()
@@ -32,6 +37,15 @@ def build_model(config: ml_collections.ConfigDict):
   if decorrelation_weight:
     weighting = losses.Decorrelated(weighting, float(decorrelation_weight))
   return model, weighting
+
+
+def initial_task_weights(config: ml_collections.ConfigDict
+                         ) -> dict[str, float]:
+  """Where learned task weights start: HyperFace's, or all equal at 0.5
+  (log sigma^2 = 0, the parameter's zero initialization)."""
+  if config.initial_task_weights == 'hyperface':
+    return dict(task_weighting.HYPERFACE_LOSS_WEIGHTS)
+  return {task: 0.5 for task in models.TASK_NAMES}
 
 
 def init_params(config: ml_collections.ConfigDict, model: models.HyperFace):

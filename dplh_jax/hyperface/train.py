@@ -16,6 +16,12 @@ reported. With both, training stops at the last step whose epsilon stays
 within the target. Before the first step the whole remaining plan is checked
 against the target, so a run never passes it.
 
+Detection pre-training (``config.detection_pretrain_epochs`` > 0; DPLH
+3.2.1, ``detection_pretrain``): the plan's first steps train detection
+alone, at the same q and sigma (calibrated over all the steps), the other
+tasks masked out of the loss and their parameters frozen; the accountant
+records them as the phase ``detection_pretrain``, the rest as ``hyperface``.
+
 Workdir and resume. A run holds ``workdir/.lock`` (``flock``) from start to end,
 so a second process into the same workdir is refused at once. A fresh workdir is
 bound to its config: ``config.json`` is written and a checkpoint is saved at
@@ -66,6 +72,7 @@ from dplh_jax.hyperface import chance_baseline
 from dplh_jax.hyperface import checkpoint
 from dplh_jax.hyperface import config_validation
 from dplh_jax.hyperface import data_loading
+from dplh_jax.hyperface import detection_pretrain
 from dplh_jax.hyperface import evaluation
 from dplh_jax.hyperface import image_eval
 from dplh_jax.hyperface import input_pipeline
@@ -73,6 +80,7 @@ from dplh_jax.hyperface import interrupts
 from dplh_jax.hyperface import metric_writer
 from dplh_jax.hyperface import model_setup
 from dplh_jax.hyperface import parallel
+from dplh_jax.hyperface import prefetching
 from dplh_jax.hyperface import progress as progress_lib
 from dplh_jax.hyperface import public_init
 from dplh_jax.hyperface import train_step as step_lib
@@ -162,12 +170,15 @@ def _run(config, workdir, data, checkpointer):
       num_epochs=config.num_epochs, dp=config.dp,
       noise_multiplier=config.noise_multiplier,
       target_epsilon=config.target_epsilon, delta=config.delta,
-      accountant=config.accountant, spent=accountant)
+      accountant=config.accountant, spent=accountant,
+      pretrain_epochs=config.detection_pretrain_epochs,
+      phase_names=detection_pretrain.PHASE_NAMES)
   # One key and one sampler seed for all processes (drawn on process 0).
   noise_key, noise_source = noise_keys.secret_key(config.noise_seed)
   sampler_seed, sampler_source = noise_keys.secret_seed(config.sampler_seed)
-  spec = step_lib.StepSpec.from_config(config, model, weighting,
-                                       plan.noise_multiplier, plan.num_steps)
+  spec = step_lib.StepSpec.from_config(
+      config, model, weighting, plan.noise_multiplier, plan.num_steps,
+      detection_pretrain_steps=plan.pretrain_steps)
   tx = step_lib.make_optimizer(spec, noise_key)
   # A resumed run restores its params: the template needs only their shapes
   # (and the public source may be gone).
@@ -220,9 +231,10 @@ def _run(config, workdir, data, checkpointer):
                      f'the {plan.num_steps} steps this config plans; use a '
                      'new workdir.')
   if config.dp and config.target_epsilon is not None:
+    # The remaining steps as the phases they will be recorded as.
     planned_epsilon = accountant.epsilon_after(
         config.delta, plan.noise_multiplier, plan.sampling_prob,
-        plan.num_steps - start)
+        plan.phase_steps(start, plan.num_steps))
     if planned_epsilon > config.target_epsilon:
       raise ValueError(f'The plan would spend epsilon={planned_epsilon:.4f} '
                        f'> target_epsilon={config.target_epsilon}.')
@@ -231,7 +243,9 @@ def _run(config, workdir, data, checkpointer):
                          if layout.num_processes > 1 else '')
   say(f'Plan: {plan.num_steps} steps, q={plan.sampling_prob:.5f}, '
       f'noise_multiplier={plan.noise_multiplier:.4f}, {num_examples} '
-      f'training images{devices}.')
+      f'training images{devices}' + (
+          f', the first {plan.pretrain_steps} pre-training detection only'
+          if plan.pretrain_steps else '') + '.')
   if plan.num_steps < plan.requested_steps:
     say(f'Warning: target_epsilon={config.target_epsilon} at '
         f'noise_multiplier={plan.noise_multiplier} pays for only '
@@ -251,7 +265,7 @@ def _run(config, workdir, data, checkpointer):
       workdir, resume_step=start,
       rewritten_splits=('eval',) if start == plan.num_steps else ()) if (
           layout.is_main) else _NoWriter()
-  batches = input_pipeline.prefetch(input_pipeline.train_batches(
+  batches = prefetching.prefetch(input_pipeline.train_batches(
       data.train, sampler, data.pipeline_config, seed=config.seed,
       start_step=start, num_steps=plan.num_steps,
       layout=layout.batch_layout if layout.mesh is not None else None))
@@ -268,7 +282,8 @@ def _run(config, workdir, data, checkpointer):
                       parallel.put_replicated(rng, layout))
       state, step_metrics = train_step(state, batch, rng)
       if config.dp:
-        accountant.compose(plan.noise_multiplier, plan.sampling_prob, 1)
+        accountant.compose(plan.noise_multiplier, plan.sampling_prob, 1,
+                           name=plan.phase_of_step(step))
       timer_steps += 1
       done = step + 1
       progress.step_done(done)

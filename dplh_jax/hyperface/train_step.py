@@ -21,8 +21,11 @@ import jax.numpy as jnp
 import optax
 
 from dplh_jax.dp import dp_transform
+from dplh_jax.dp import group_clipping
 from dplh_jax.dp import one_pass_clipping
 from dplh_jax.dp import per_example
+from dplh_jax.hyperface import clip_groups
+from dplh_jax.hyperface import detection_pretrain
 from dplh_jax.hyperface import losses
 from dplh_jax.hyperface import models
 from dplh_jax.hyperface import parallel
@@ -88,17 +91,25 @@ class StepSpec:
   warmup_steps: int = 0
   num_steps: int = 0
   ema_decay: float = 0.0
+  # Per-group clip norms (clip_groups.py) or None: l2_norm_clip over the
+  # whole gradient. Read through clip_spec(spec).
+  clip_norms: group_clipping.GroupClipNorms | float | None = None
+  # The first steps that pre-train detection (detection_pretrain.py): the
+  # other tasks masked out of the loss, their parameters frozen. 0: none.
+  detection_pretrain_steps: int = 0
 
   @classmethod
   def from_config(cls, config, model, weighting, noise_multiplier,
-                  num_steps: int = 0):
+                  num_steps: int = 0, detection_pretrain_steps: int = 0):
     """The spec of ``config``'s step; ``num_steps`` (the planned steps) is
     needed by the cosine schedule only."""
     return cls(model, weighting, config.dp, config.l2_norm_clip,
                noise_multiplier, config.expected_batch_size, config.optimizer,
                config.learning_rate, config.momentum, config.microbatch_size,
                config.clipping, config.learning_rate_schedule,
-               config.warmup_steps, num_steps, config.ema_decay)
+               config.warmup_steps, num_steps, config.ema_decay,
+               clip_norms=clip_groups.clip_norms(config, model),
+               detection_pretrain_steps=detection_pretrain_steps)
 
 
 def learning_rate(spec: StepSpec) -> float | optax.Schedule:
@@ -127,18 +138,38 @@ def learning_rate(spec: StepSpec) -> float | optax.Schedule:
   return spec.learning_rate
 
 
+def clip_spec(spec: StepSpec) -> float | group_clipping.GroupClipNorms:
+  """What each image's gradient is clipped to: ``spec.clip_norms`` or, when
+  None, the one norm ``spec.l2_norm_clip``. The clipping and
+  ``dp_aggregate`` both get this object, so the noise is calibrated to the
+  sensitivity the sum was clipped to (``sqrt(sum_g C_g**2)``, which
+  ``clip_groups`` makes ``l2_norm_clip``)."""
+  return spec.l2_norm_clip if spec.clip_norms is None else spec.clip_norms
+
+
 def make_optimizer(spec: StepSpec, noise_key) -> optax.GradientTransformation:
-  """``dp_aggregate`` (if DP) chained with the configured optimizer."""
+  """``dp_aggregate`` (if DP) chained with the configured optimizer; with
+  detection pre-training, the parameters off the detection path get an
+  optimizer of their own that starts after it (post-processing of the
+  noised gradient, ``detection_pretrain.with_frozen_start``)."""
   rate = learning_rate(spec)
-  if spec.optimizer == 'adam':
-    optimizer = optax.adam(rate)
-  else:
+
+  def optimizer_at(offset: int) -> optax.GradientTransformation:
+    """The optimizer, its schedule read ``offset`` steps ahead."""
+    shifted = (rate if offset == 0 or not callable(rate)
+               else lambda count: rate(count + offset))
+    if spec.optimizer == 'adam':
+      return optax.adam(shifted)
     momentum = spec.momentum if spec.optimizer == 'momentum' else None
-    optimizer = optax.sgd(rate, momentum=momentum)
+    return optax.sgd(shifted, momentum=momentum)
+
+  optimizer = (detection_pretrain.with_frozen_start(
+      optimizer_at, spec.detection_pretrain_steps)
+               if spec.detection_pretrain_steps else optimizer_at(0))
   if not spec.dp:
     return optimizer
   return optax.chain(
-      dp_transform.dp_aggregate(spec.l2_norm_clip, spec.noise_multiplier,
+      dp_transform.dp_aggregate(clip_spec(spec), spec.noise_multiplier,
                                 spec.expected_batch_size, noise_key),
       optimizer)
 
@@ -156,7 +187,7 @@ def clipped_sum_fn(spec: StepSpec):
   return clipped_grad_sum(
       functools.partial(losses.per_image_loss, model=spec.model,
                         weighting=spec.weighting),
-      spec.l2_norm_clip, has_aux=True, microbatch_size=spec.microbatch_size)
+      clip_spec(spec), has_aux=True, microbatch_size=spec.microbatch_size)
 
 
 def make_train_step(spec: StepSpec, mesh: jax.sharding.Mesh | None = None,
@@ -193,6 +224,9 @@ def make_train_step(spec: StepSpec, mesh: jax.sharding.Mesh | None = None,
         / denominator, values)
 
   def train_step(state: TrainState, batch, rng):
+    if spec.detection_pretrain_steps:  # detection only in the first steps
+      batch = detection_pretrain.mask_tasks(
+          batch, state.step < spec.detection_pretrain_steps)
     is_real = ~batch['is_padding_example']
     if spec.dp:
       gradient, aux = clipped_sum(

@@ -131,10 +131,13 @@ def check_resume(record: dict[str, Any], config: ml_collections.ConfigDict,
   step, steps accounted, noise draws, sampler draws) must agree, and every
   accounted step must be one of this plan's (sigma, q).
   """
-  saved = record['privacy_plan']
+  # A field the record lacks was added later with a default that keeps
+  # older runs' plans (no pre-training): the record has that default.
+  saved = {field.name: record['privacy_plan'].get(field.name, field.default)
+           for field in dataclasses.fields(plan)}
   now = dataclasses.asdict(plan)
-  differing = [f'{field}: {saved.get(field)} -> {now[field]}'
-               for field in now if saved.get(field) != now[field]]
+  differing = [f'{field}: {saved[field]} -> {now[field]}'
+               for field in now if saved[field] != now[field]]
   if differing:
     raise ValueError(
         f'The checkpoint in this workdir ran another privacy plan '
@@ -157,3 +160,13 @@ def check_resume(record: dict[str, Any], config: ml_collections.ConfigDict,
         f'{[dataclasses.asdict(p) for p in other]} that are not this run\'s '
         f'(noise_multiplier={plan.noise_multiplier}, '
         f'sampling_prob={plan.sampling_prob}); use a new workdir.')
+  # The steps trained so far, by phase (pre-training, then the main run),
+  # as the plan says they are recorded: a resume in either phase composes
+  # its remaining steps into the right one.
+  by_phase = [(phase.name, phase.steps) for phase in accountant.phases]
+  expected = plan.phase_steps(0, int(state.step)) if config.dp else []
+  if [pair for pair in by_phase if pair[1]] != expected:
+    raise ValueError(
+        f'The checkpoint is inconsistent: its accountant records the phases '
+        f'{by_phase} (name, steps), this plan {expected} at train step '
+        f'{int(state.step)}; use a new workdir.')

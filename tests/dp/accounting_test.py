@@ -107,3 +107,44 @@ def test_edge_cases():
 def test_bad_arguments_are_named(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+def test_named_phases_compose_merge_by_name_and_reload():
+  """Steps merge only within one name; a record without names (written
+  before phases had them) loads as unnamed phases; names do not enter the
+  epsilon: two named phases at one (sigma, q) spend what one phase of all
+  their steps does (PLD: to its float rounding of the split, ~1e-10)."""
+  acc = accounting.PrivacyAccountant('pld')
+  # (sigma, q) of the test above: its one-step PLD is cached.
+  acc.compose(1.2, 0.01, 20, name='detection_pretrain')
+  acc.compose(1.2, 0.01, 10, name='detection_pretrain')
+  acc.compose(1.2, 0.01, 470, name='hyperface')
+  assert [(p.name, p.steps) for p in acc.phases] == [
+      ('detection_pretrain', 30), ('hyperface', 470)]
+  record = acc.to_dict()
+  assert [p['name'] for p in record['phases']] == ['detection_pretrain',
+                                                    'hyperface']
+  restored = accounting.PrivacyAccountant.from_json(acc.to_json())
+  assert restored.phases == acc.phases
+  assert restored.epsilon(1e-5) == acc.epsilon(1e-5)
+  one = accounting.PrivacyAccountant('pld')
+  one.compose(1.2, 0.01, 500)
+  assert 'name' not in one.to_dict()['phases'][0]  # unnamed: today's record
+  assert acc.epsilon(1e-5) == pytest.approx(one.epsilon(1e-5), rel=1e-8)
+  old = {'accountant': 'pld', 'phases': [
+      {'noise_multiplier': 1.2, 'sampling_prob': 0.01, 'steps': 500}]}
+  assert accounting.PrivacyAccountant.from_dict(old).phases == one.phases
+  # Planning over named phases is the epsilon of what compose records.
+  planned = accounting.PrivacyAccountant('pld').epsilon_after(
+      1e-5, 1.2, 0.01, [('detection_pretrain', 30), ('hyperface', 470)])
+  assert planned == acc.epsilon(1e-5)
+
+
+def test_calibration_over_named_phases_is_within_target():
+  steps = [('detection_pretrain', 100), ('hyperface', 300)]
+  sigma = accounting.calibrate_noise_multiplier(2.0, 1e-5, 0.01, steps, 'rdp')
+  acc = accounting.PrivacyAccountant('rdp')
+  spent = acc.epsilon_after(1e-5, sigma, 0.01, steps)
+  assert 0.99 * 2.0 <= spent <= 2.0
+  with pytest.raises(ValueError, match='at least 1 step'):
+    accounting.calibrate_noise_multiplier(2.0, 1e-5, 0.01, [('a', 0)])

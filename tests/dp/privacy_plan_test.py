@@ -50,3 +50,44 @@ def test_non_private_plan_and_bad_sampling_rate():
   with pytest.raises(ValueError, match='cannot pay for one step'):
     privacy_plan.plan_privacy(num_epochs=1, dp=True, noise_multiplier=0.1,
                               target_epsilon=0.01, **_PLAN)
+
+
+def _phases_epsilon(plan, steps):
+  return accounting.PrivacyAccountant('rdp').epsilon_after(
+      1e-5, plan.noise_multiplier, plan.sampling_prob,
+      plan.phase_steps(0, steps))
+
+
+def test_pretraining_steps_come_first_under_one_calibrated_sigma():
+  plan = privacy_plan.plan_privacy(
+      num_epochs=3, pretrain_epochs=2, phase_names=('pre', 'main'), dp=True,
+      noise_multiplier=None, target_epsilon=3.0, **_PLAN)
+  assert (plan.pretrain_steps, plan.num_steps, plan.requested_steps) == (
+      20, 50, 50)
+  assert plan.phase_steps(0, 50) == [('pre', 20), ('main', 30)]
+  assert plan.phase_steps(25, 50) == [('main', 25)]
+  assert [plan.phase_of_step(s) for s in (0, 19, 20)] == ['pre', 'pre',
+                                                           'main']
+  # One sigma calibrated for all 50 steps: the two phases together spend
+  # the target (not merely within it, so not calibrated for 30 steps).
+  assert 2.9 < _phases_epsilon(plan, 50) <= 3.0
+  without = privacy_plan.plan_privacy(num_epochs=3, dp=False,
+                                      noise_multiplier=None,
+                                      target_epsilon=None, **_PLAN)
+  assert (without.pretrain_steps, without.phase_steps(0, 30)) == (
+      0, [('', 30)])  # no pre-training: one unnamed phase, as before
+  with pytest.raises(ValueError, match='pretrain_epochs=-1'):
+    privacy_plan.plan_privacy(num_epochs=3, pretrain_epochs=-1, dp=False,
+                              noise_multiplier=None, target_epsilon=None,
+                              **_PLAN)
+
+
+@pytest.mark.parametrize('target', [2.0, 0.9])  # cut after / in pre-training
+def test_a_budget_cut_over_pretraining_never_passes_the_target(target):
+  plan = privacy_plan.plan_privacy(
+      num_epochs=48, pretrain_epochs=2, dp=True, noise_multiplier=2.0,
+      target_epsilon=target, **_PLAN)
+  assert plan.num_steps < plan.requested_steps == 500
+  assert (plan.num_steps > plan.pretrain_steps == 20) == (target == 2.0)
+  assert _phases_epsilon(plan, plan.num_steps) <= target
+  assert _phases_epsilon(plan, plan.num_steps + 1) > target

@@ -87,8 +87,8 @@ def test_only_optional_fields_take_none():
   assert config.target_epsilon is None
   with pytest.raises(ValueError, match=(
       '--config.learning_rate=None: learning_rate is not optional; None is '
-      'taken by microbatch_size, noise_multiplier, noise_seed, sampler_seed, '
-      'target_epsilon')):
+      'taken by group_norm_groups, microbatch_size, noise_multiplier, '
+      'noise_seed, sampler_seed, target_epsilon')):
     flags_util.set_to_none(config, ['learning_rate'])
   with pytest.raises(ValueError, match='lr is not a config field'):
     flags_util.set_to_none(config, ['lr'])

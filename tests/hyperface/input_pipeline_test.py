@@ -7,6 +7,7 @@ import tensorflow_datasets as tfds
 import dplh_jax.hyperface.datasets  # pylint: disable=unused-import  (registers)
 from dplh_jax.dp import batch_selection
 from dplh_jax.hyperface import input_pipeline
+from dplh_jax.hyperface import prefetching
 
 _CONFIG = input_pipeline.PipelineConfig(crop_size=16, num_proposals=6,
                                         num_positives=3)
@@ -144,7 +145,7 @@ def test_eval_batches_are_deterministic_sequential_and_padded(source):
 def test_train_batches_carry_the_sampler_state_of_their_own_step(source):
   sampler = batch_selection.PoissonSampler(len(source), 4, seed=0,
                                            padded_batch_size=8)
-  items = list(input_pipeline.prefetch(input_pipeline.train_batches(
+  items = list(prefetching.prefetch(input_pipeline.train_batches(
       source, sampler, _CONFIG, seed=0, start_step=2, num_steps=5)))
   assert [step for step, _, _ in items] == [2, 3, 4]
   replay = batch_selection.PoissonSampler(len(source), 4, seed=0,
@@ -201,14 +202,14 @@ def test_out_of_range_index_is_an_error():
 
 
 def test_prefetch_keeps_order_and_reraises():
-  assert list(input_pipeline.prefetch(iter(range(5)))) == list(range(5))
+  assert list(prefetching.prefetch(iter(range(5)))) == list(range(5))
 
   def failing():
     yield 1
     raise RuntimeError('producer failed')
 
   with pytest.raises(RuntimeError, match='producer failed'):
-    list(input_pipeline.prefetch(failing()))
+    list(prefetching.prefetch(failing()))
 
 
 def test_flip_happens_in_training_only():

@@ -17,6 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ''
   config.num_proposals = 4  # K proposals per image (one privacy unit)
   config.num_positives = 2
+  # Augmentation multiplicity M (De et al. 2022): M augmented views (flip,
+  # proposals) of each training image, M*K crops in its ONE clipped
+  # gradient; costs compute, not privacy (augmentation_views.py). 1: off.
+  config.augmentation_multiplicity = 1
   config.num_train_examples = -1  # -1: the whole train split
 
   # Model: HyperFace scaled for CPU (like models.HyperFaceConfig.small, at
@@ -26,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.conv1_kernel = 5
   config.conv1_stride = 2
   config.dropout_rate = 0.0
+  # GroupNorm with this many groups after every convolution (None: none).
+  # Per crop, so it mixes no images (unlike BatchNorm, never used under DP);
+  # it must divide every layer's channel count.
+  config.group_norm_groups = config_dict.placeholder(int)
   # What the heads read: 'shared' (HyperFace: one fc_full vector for all) or
   # 'cross_sec' (one squeeze-excitation channel gate per task on the fused
   # map, each head reading only its own gated features; cross_sec.py), with
@@ -44,6 +52,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.task_weighting = 'fixed'
   # Where learned weights start: HyperFace's (1, 5, 0.5, 5, 2) or all equal.
   config.initial_task_weights = 'hyperface'
+  # Learned weights only: keep each within this factor of its start (> 1;
+  # a tanh bound, task_weighting.BoundedUncertaintyWeighting). 0: unbounded.
+  config.task_weight_bound = 0.0
+  # 'per_task': clip each image's gradient per group (trunk, each task's
+  # head with its gates, the learned weights), C / sqrt(groups) each, total
+  # C (clip_groups.py), so no task takes the whole clip. 'none': one clip.
+  config.clip_groups = 'none'
 
   # Privacy. Give target_epsilon (sigma is calibrated for the planned steps),
   # noise_multiplier (epsilon is reported), or both (training stops at the
@@ -62,6 +77,12 @@ def get_config() -> ml_collections.ConfigDict:
   # (README, "Demo results", has the tuning runs).
   config.expected_batch_size = 256
   config.num_epochs = 5.0
+  # DP detection pre-training (DPLH 3.2.1) in the same run: this many epochs
+  # of detection-only steps first, at the same q and sigma (calibrated over
+  # all steps for target_epsilon), the other tasks' heads, log sigma^2 and
+  # gates frozen; then num_epochs of the full multi-task loss. The report
+  # lists both phases (detection_pretrain.py). 0: none.
+  config.detection_pretrain_epochs = 0.0
   config.optimizer = 'adam'  # 'sgd', 'momentum' or 'adam'
   config.learning_rate = 3e-3
   config.momentum = 0.9
