@@ -165,7 +165,9 @@ def check_resume(record: dict[str, Any], config: ml_collections.ConfigDict,
   # its remaining steps into the right one.
   by_phase = [(phase.name, phase.steps) for phase in accountant.phases]
   expected = plan.phase_steps(0, int(state.step)) if config.dp else []
-  if [pair for pair in by_phase if pair[1]] != expected:
+  # Unfiltered: the train loop never records an empty phase, so one in the
+  # record was put there by hand (and recompute_epsilon could not read it).
+  if by_phase != expected:
     raise ValueError(
         f'The checkpoint is inconsistent: its accountant records the phases '
         f'{by_phase} (name, steps), this plan {expected} at train step '

@@ -257,9 +257,18 @@ def test_an_edited_checkpoint_record_is_refused(uninterrupted, data_dir,
   with pytest.raises(ValueError, match='at train step 4 it records '
                      'accountant_steps=3'):
     train.train_and_evaluate(config, workdir)
+  # An empty phase added (steps and (sigma, q) unchanged): the train loop
+  # never records one, and recompute_epsilon could not read it.
+  phases = record['accountant']['phases']
+  phases[0]['steps'] = 4
+  record['accountant']['phases'] = phases + [dict(phases[0], steps=0)]
+  with open(_record_path(workdir), 'w') as f:
+    json.dump(record, f)
+  with pytest.raises(ValueError, match='its accountant records the phases'):
+    train.train_and_evaluate(config, workdir)
+  record['accountant']['phases'] = phases
   # A record edited to match another config, config.json left alone (the
   # second reader's case: clip 1.0 -> 0.25 in the record, resumed with 0.25).
-  record['accountant']['phases'][0]['steps'] = 4
   record['config']['l2_norm_clip'] = 0.25
   with open(_record_path(workdir), 'w') as f:
     json.dump(record, f)
