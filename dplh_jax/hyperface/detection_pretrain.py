@@ -29,12 +29,13 @@ pre-trained trunk and detection head.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from dplh_jax.dp import group_clipping
 from dplh_jax.hyperface import models
 
 # The accountant's phase names (accounting.Phase.name) of the two parts.
@@ -74,11 +75,6 @@ def mask_tasks(batch: Mapping[str, jax.Array], pretraining: jax.Array
                  else jnp.ones((num_images,), bool))
     masked[key] = jnp.logical_and(available, keep)
   return masked
-
-
-def path_names(path: Sequence[Any]) -> tuple[str, ...]:
-  """The names along a ``jax.tree_util`` key path (dict keys, attributes)."""
-  return tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
 def off_detection_path(names: Sequence[str]) -> bool:
@@ -173,7 +169,7 @@ def with_frozen_start(
   """
   def labels(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: FROZEN if is_frozen(path_names(path)) else TRAINED,
+        lambda path, _: FROZEN if is_frozen(group_clipping.path_of(path)) else TRAINED,
         params)
   return optax.multi_transform(
       {TRAINED: make_optimizer(0),

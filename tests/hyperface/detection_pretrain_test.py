@@ -18,6 +18,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from dplh_jax.dp import group_clipping
 from dplh_jax.dp import privacy_report
 from dplh_jax.hyperface import config_validation
 from dplh_jax.hyperface import detection_pretrain
@@ -44,10 +45,10 @@ OTHER_TASKS = [t for t in models.TASK_NAMES if t != 'detection']
 
 
 def _frozen_leaves(params):
-  return {'/'.join(detection_pretrain.path_names(path))
+  return {'/'.join(group_clipping.path_of(path))
           for path, _ in jax.tree_util.tree_leaves_with_path(params)
           if detection_pretrain.off_detection_path(
-              detection_pretrain.path_names(path))}
+              group_clipping.path_of(path))}
 
 
 def test_the_frozen_params_are_the_other_tasks_heads_weights_and_gates():
@@ -122,7 +123,7 @@ def test_the_frozen_leaves_get_a_fresh_optimizer_at_step_p():
   state, update = tx.init(params), jax.jit(tx.update)
   from_start, late = adam(0), adam(p)  # references on the whole tree
   start_state, late_state = from_start.init(params), late.init(params)
-  names = ['/'.join(detection_pretrain.path_names(path)) for path, _ in
+  names = ['/'.join(group_clipping.path_of(path)) for path, _ in
            jax.tree_util.tree_leaves_with_path(params)]
   for step in range(p + 2):
     grads = jax.tree.map(lambda x: x + np.arange(2.0) + step + 1.0, params)
