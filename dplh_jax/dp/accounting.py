@@ -146,7 +146,7 @@ def _planned_phases(noise_multiplier: float, sampling_prob: float,
     phases = [Phase(noise_multiplier, sampling_prob,
                     n if isinstance(n, bool) else operator.index(n), name)
               for name, n in pairs]
-  except TypeError as error:
+  except (TypeError, ValueError) as error:  # not pairs, or a bad count
     raise ValueError(f'steps must be an int or (name, steps) pairs, got '
                      f'{steps!r}.') from error
   if sum(p.steps for p in phases) < minimum:
@@ -323,11 +323,13 @@ class PrivacyAccountant:
 
     They extend the last phase if it has the same ``(sigma, q, name)``, else
     start a phase of their own: steps of two named phases never merge, even
-    at the same (sigma, q).
+    at the same (sigma, q). Zero steps record nothing (they release nothing,
+    and dp-accounting cannot compose an event zero times).
     """
-    self._phases = _with_composed(self._phases, Phase(
-        float(noise_multiplier), float(sampling_prob), operator.index(steps),
-        name))
+    phase = Phase(float(noise_multiplier), float(sampling_prob),
+                  operator.index(steps), name)
+    if phase.steps:
+      self._phases = _with_composed(self._phases, phase)
 
   def epsilon(self, delta: float) -> float:
     """Epsilon of everything composed so far, at ``delta``."""

@@ -100,7 +100,8 @@ def recompute_epsilon(report: dict[str, Any]) -> float:
   """Epsilon from the report's own fields, with dp-accounting only.
 
   Each phase is its own ``SelfComposedDpEvent``, in the report's order, as
-  the accountant composed them (phase names are labels only).
+  the accountant composed them (phase names are labels only); a phase of
+  zero steps releases nothing and is skipped.
 
   >>> report = {'accountant': 'rdp', 'delta': 1e-6, 'phases': [
   ...     {'noise_multiplier': 3.0, 'sampling_prob': 0.1, 'steps': 512}]}
@@ -112,7 +113,7 @@ def recompute_epsilon(report: dict[str, Any]) -> float:
           dp_accounting.PoissonSampledDpEvent(
               p['sampling_prob'],
               dp_accounting.GaussianDpEvent(p['noise_multiplier'])),
-          p['steps']) for p in report['phases']]
+          p['steps']) for p in report['phases'] if p['steps']]
   if report['accountant'] == 'pld':
     acc = dp_accounting.pld.PLDAccountant()
   else:

@@ -34,6 +34,7 @@ import math
 
 import ml_collections
 
+from dplh_jax.dp import clip_norms as clip_norms_lib
 from dplh_jax.dp import group_clipping
 from dplh_jax.hyperface import models
 
@@ -117,7 +118,8 @@ def clip_norms(config: ml_collections.ConfigDict, model: models.HyperFace
   clipping and to ``dp_aggregate`` (which refuses a sum clipped otherwise).
 
   Raises:
-    ValueError: an unknown ``config.clip_groups``.
+    ValueError: an unknown ``config.clip_groups``, or a ``C`` whose per-group
+      share ``C / sqrt(G)`` is below the smallest clip norm allowed.
   """
   kind = config.get('clip_groups', NONE)
   l2_norm_clip = float(config.l2_norm_clip)
@@ -127,6 +129,13 @@ def clip_norms(config: ml_collections.ConfigDict, model: models.HyperFace
     raise ValueError(f'config.clip_groups={kind!r}: use one of '
                      f'{CLIP_GROUPS}.')
   names = group_names(model)
+  smallest = clip_norms_lib.MIN_NOISE_STD * math.sqrt(len(names))
+  if l2_norm_clip < smallest:
+    raise ValueError(
+        f'config.l2_norm_clip={l2_norm_clip:g} is too small for '
+        f"clip_groups='per_task': its {len(names)} groups get C/sqrt(G) each, "
+        f'which must be >= {clip_norms_lib.MIN_NOISE_STD:g}; use '
+        f'l2_norm_clip >= {smallest:.3g}.')
   share = _equal_share(l2_norm_clip, len(names))
   return group_clipping.GroupClipNorms.from_function(
       task_group_of, {name: share for name in names})

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dplh_jax.dp import accounting
+from dplh_jax.dp import privacy_report
 
 
 @pytest.mark.parametrize('sigma, q, steps, delta, rdp, pld', [
@@ -88,6 +89,18 @@ def test_edge_cases():
   assert accounting.epsilon(0.0, 0.1, 10, 1e-5) == float('inf')
 
 
+def test_zero_steps_record_nothing_and_reports_still_recompute():
+  acc = accounting.PrivacyAccountant()
+  acc.compose(1.0, 0.1, 10)
+  acc.compose(1.0, 0.1, 0, name='detection_pretrain')
+  assert acc.phases == (accounting.Phase(1.0, 0.1, 10),)
+  # A record holding an empty phase (written by hand) recomputes too.
+  report = {'accountant': 'pld', 'delta': 1e-5, 'phases': [
+      {'noise_multiplier': 1.0, 'sampling_prob': 0.1, 'steps': 10},
+      {'noise_multiplier': 2.0, 'sampling_prob': 0.1, 'steps': 0}]}
+  assert privacy_report.recompute_epsilon(report) == acc.epsilon(1e-5)
+
+
 @pytest.mark.parametrize('call, message', [
     (lambda: accounting.epsilon(1.0, 1.5, 10, 1e-5), 'sampling_prob'),
     (lambda: accounting.epsilon(-1.0, 0.1, 10, 1e-5), 'noise_multiplier'),
@@ -100,6 +113,10 @@ def test_edge_cases():
     (lambda: accounting.calibrate_noise_multiplier(1.0, 1e-5, 0.1, 10,
                                                    rtol=0.0), 'rtol'),
     (lambda: accounting.Phase(1.0, 0.1, True), 'steps'),
+    (lambda: accounting.PrivacyAccountant().epsilon_after(
+        1e-5, 1.0, 0.1, [('main',)]),
+     'steps must be an int or'),
+    (lambda: accounting.PrivacyAccountant().compose(1.0, 0.1, -1), 'steps'),
     (lambda: accounting.calibrate_noise_multiplier(1e-6, 1e-5, 1.0, 10**4,
                                                    'rdp'),
      'noise_multiplier >'),

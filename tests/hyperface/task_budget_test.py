@@ -90,6 +90,12 @@ def test_groups_cover_every_parameter_once_with_total_c(
     for _, share in norms.norms:
       assert share == pytest.approx(l2_norm_clip / math.sqrt(len(expected)),
                                     rel=1e-15)
+  # A C whose shares would fall below the smallest clip norm is refused by
+  # name, with the smallest C that works.
+  config.l2_norm_clip = 2e-30
+  with pytest.raises(ValueError, match=r'l2_norm_clip=2e-30 is too small for '
+                     r"clip_groups='per_task'.*use l2_norm_clip >= "):
+    clip_groups.clip_norms(config, model)
   config.clip_groups = 'none'
   assert clip_groups.clip_norms(config, model) == config.l2_norm_clip
 
