@@ -1,10 +1,10 @@
 """Runs on 4 fake CPU devices what ``training_on_devices_test`` checks.
 
-  python tests/hyperface/four_devices_run.py DATA_DIR WORKDIR OUT_DIR
+  python tests/hyperface/four_devices_run.py DATA_DIR WORKDIR OUT_DIR OVERRIDES
 
 XLA reads ``--xla_force_host_platform_device_count`` when JAX starts, so
 this runs in its own process (the test's has one device). It trains the
-tiny config on a 4-device mesh, checks the DP mechanism on the same mesh
+tiny config with the test's OVERRIDES (JSON) on a 4-device mesh, checks the DP mechanism on the same mesh
 with a linear model whose per-example gradients are known exactly, and
 writes ``OUT_DIR/result.json`` and ``OUT_DIR/params.npz`` for the test to
 assert on.
@@ -126,10 +126,10 @@ def _mechanism_checks(mesh) -> dict:
   }
 
 
-def main(data_dir: str, workdir: str, out_dir: str) -> None:
+def main(data_dir: str, workdir: str, out_dir: str, overrides: str) -> None:
   assert jax.device_count() == 4, jax.devices()
   config = tiny.get_config()
-  config.data_dir = data_dir
+  config.update(json.loads(overrides), data_dir=data_dir)
   with parallel.CompileCounter('train_step') as counter:
     result = train.train_and_evaluate(config, workdir)
   params = result['state'].params

@@ -28,9 +28,15 @@ LAYOUT_FIELDS = ('num_devices', 'num_processes')
 pytestmark = pytest.mark.slow
 
 
+# Both runs also take the levers whose state the mesh must carry: a
+# detection-only first step (its own phase, the other heads' optimizer
+# starting after it) and per-task clip groups.
+LEVERS = {'detection_pretrain_epochs': 0.25, 'clip_groups': 'per_task'}
+
+
 def _config(data_dir):
   config = tiny.get_config()  # fixed noise and sampler seeds
-  config.data_dir = data_dir
+  config.update(LEVERS, data_dir=data_dir)
   return config
 
 
@@ -44,7 +50,8 @@ def runs(tmp_path_factory):
   out.mkdir()
   with open(out / 'stderr', 'w') as stderr:
     process = subprocess.Popen(
-        [sys.executable, FOUR_DEVICES_RUN, data_dir, four_workdir, str(out)],
+        [sys.executable, FOUR_DEVICES_RUN, data_dir, four_workdir, str(out),
+         json.dumps(LEVERS)],
         stdout=stderr, stderr=subprocess.STDOUT,
         env=dict(os.environ, JAX_PLATFORMS='cpu'))
     try:
@@ -73,7 +80,7 @@ def test_four_devices_train_the_params_of_one_device(runs):
     np.testing.assert_allclose(four_params[jax.tree_util.keystr(path)],
                                value, rtol=1e-5, atol=1e-6)
     moved = max(moved, float(np.max(np.abs(value - start))))
-  assert moved > 1e-3  # 4 Adam steps at 3e-3: far above the tolerance
+  assert moved > 1e-3  # 5 Adam steps at 3e-3: far above the tolerance
 
 
 def test_the_privacy_report_and_config_record_the_layout(runs):
@@ -81,6 +88,8 @@ def test_the_privacy_report_and_config_record_the_layout(runs):
   def without_layout(report):
     return {k: v for k, v in report.items() if k not in LAYOUT_FIELDS}
   assert without_layout(four['privacy']) == without_layout(one['privacy'])
+  assert [(p['name'], p['steps']) for p in four['privacy']['phases']] == [
+      ('detection_pretrain', 1), ('hyperface', 4)]
   assert {k: four['privacy'][k] for k in LAYOUT_FIELDS} == {
       'num_devices': 4, 'num_processes': 1}
   assert {k: one['privacy'][k] for k in LAYOUT_FIELDS} == {
