@@ -45,8 +45,9 @@ _SETTING = flags.DEFINE_enum('setting', 'short', ['short', 'demo'],
                              'The recipe every variant is run in.')
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (init, proposals, sampler '
                            'and noise; a set noise seed is not secret).')
-_VARIANTS = flags.DEFINE_list('variants', None, 'Levers to run (default: '
-                              'all, and the combination if given).')
+_VARIANTS = flags.DEFINE_list('variants', None, "Levers to run, 'combined' "
+                              'among them (default: all, and the '
+                              'combination if given).')
 _PRIVACY = flags.DEFINE_list('privacy', ['dp', 'nonprivate'],
                              "'dp' (epsilon 5) and/or 'nonprivate'.")
 _COMBINED = flags.DEFINE_list('combined', [], 'Levers whose overrides '
@@ -54,6 +55,8 @@ _COMBINED = flags.DEFINE_list('combined', [], 'Levers whose overrides '
 _SUMMARY_ONLY = flags.DEFINE_bool('summary_only', False,
                                   'Only rewrite summary.md from the JSONs.')
 
+# The key of a lever's multipliers of the setting's values (not a field).
+SCALES = 'scale_fields_by'
 # Each lever alone: config overrides of the default recipe.
 LEVERS = {
     'baseline': {},
@@ -67,7 +70,14 @@ LEVERS = {
     'group_norm_4': {'group_norm_groups': 4},
     'detection_pretrain_1': {'detection_pretrain_epochs': 1.0},
     'public_init': {'init_params_from': 'PUBLIC'},
+    # Scale at fixed epsilon and epochs: 4x the setting's expected batch
+    # (a quarter of the steps, sigma calibrated anew), at its learning rate
+    # and at twice it.
+    'batch_x4': {SCALES: {'expected_batch_size': 4.0}},
+    'batch_x4_lr_x2': {SCALES: {'expected_batch_size': 4.0,
+                                'learning_rate': 2.0}},
 }
+
 SETTINGS = {'demo': {}, 'short': {'num_epochs': 1.0,
                                   'expected_batch_size': 64}}
 # Fields that change the params' shapes: a public source must share them.
@@ -82,8 +92,9 @@ METRICS = (('detection_accuracy', 'detection accuracy', '.3f', ('>=', 0.97)),
 
 
 def variants() -> dict[str, dict]:
-  chosen = {name: LEVERS[name] for name in (_VARIANTS.value or LEVERS)}
-  if _COMBINED.value:
+  names = _VARIANTS.value or [*LEVERS, 'combined']
+  chosen = {name: LEVERS[name] for name in names if name != 'combined'}
+  if _COMBINED.value and 'combined' in names:
     combined = {}
     for name in _COMBINED.value:
       combined.update(LEVERS[name])
@@ -93,6 +104,9 @@ def variants() -> dict[str, dict]:
 
 def _with_setting(config, overrides: dict, seed: int):
   config.update(SETTINGS[_SETTING.value])
+  overrides = dict(overrides)
+  for field, factor in overrides.pop(SCALES, {}).items():
+    config[field] = type(config[field])(config[field] * factor)
   config.update(overrides)
   config.seed = config.noise_seed = config.sampler_seed = seed
   config.log_every, config.checkpoint_every = 50, 1000
