@@ -172,35 +172,43 @@ def summary(records: list[dict]) -> str:
   order = list(LEVERS) + ['combined']
   names = sorted({r['variant'] for r in records}, key=order.index)
   seeds = sorted({r['seed'] for r in records})
-  lines = [f'Setting {_SETTING.value!r}, seeds {seeds}: medians over seeds; '
-           'DP at epsilon 5, delta 1e-5, with its ratio to the non-private '
-           'median of the same variant in brackets (bold: the issue\'s goal '
-           'met).', '',
-           '| variant | ' + ' | '.join(t for _, t, _, _ in METRICS)
-           + ' | DP seeds | s per DP run |',
-           '|---|' + '---|' * (len(METRICS) + 2)]
+  header = ('| variant | ' + ' | '.join(t for _, t, _, _ in METRICS)
+            + ' | seeds | s per run |\n|---|' + '---|' * (len(METRICS) + 2))
+  dp_rows, nonprivate_rows = [], []
   for name in names:
     dp, nonprivate = groups.get((name, 'dp'), []), groups.get(
         (name, 'nonprivate'), [])
     cells = []
     for key, _, fmt, goal in METRICS:
       private, reference = _median(dp, key), _median(nonprivate, key)
-      if private is None:
-        cells.append(f'- ({reference:{fmt}} non-private)'
-                     if reference is not None else '-')
-        continue
-      cell = format(private, fmt)
-      if reference:
+      cell = '-' if private is None else format(private, fmt)
+      if private is not None and reference:
         ratio = private / reference
         met = goal and (ratio >= goal[1] if goal[0] == '>=' else
                         ratio <= goal[1])
         cell += f' ({"**" if met else ""}{ratio:.2f}{"**" if met else ""})'
       cells.append(cell)
-    seconds = (f'{np.median([r["seconds"] for r in dp]):.0f}' if dp else '-')
-    lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {len(dp)} | '
-                 f'{seconds} |')
-  lines += ['', 'Goals (ratio to non-private): detection >= 0.97, gender '
-            '>= 0.90, landmark NME and pose MAE <= 1.3.']
+    for rows, runs, row_cells in (
+        (dp_rows, dp, cells),
+        (nonprivate_rows, nonprivate,
+         [format(_median(nonprivate, key), fmt) if nonprivate else '-'
+          for key, _, fmt, _ in METRICS])):
+      if runs:
+        seconds = np.median([r['seconds'] for r in runs])
+        rows.append(f'| {name} | ' + ' | '.join(row_cells)
+                    + f' | {len(runs)} | {seconds:.0f} |')
+  combined = next((r['overrides'] for r in records
+                   if r['variant'] == 'combined'), None)
+  lines = [f'Setting {_SETTING.value!r}, seeds {seeds}: medians over seeds.',
+           '', 'DP at epsilon 5, delta 1e-5; in brackets the ratio to the '
+           'non-private median of the same variant (bold: the issue\'s goal '
+           'met).', '', header, *dp_rows, '',
+           'Non-private (no clipping, no noise), the same recipes:', '',
+           header, *nonprivate_rows, '',
+           'Goals (ratio to non-private): detection >= 0.97, gender >= 0.90, '
+           'landmark NME and pose MAE <= 1.3.']
+  if combined is not None:
+    lines += ['', f'combined: {json.dumps(combined, sort_keys=True)}']
   return '\n'.join(lines) + '\n'
 
 
