@@ -138,21 +138,22 @@ PlannedSteps = int | Sequence[tuple[str, int]]
 
 def _planned_phases(noise_multiplier: float, sampling_prob: float,
                     steps: PlannedSteps, minimum: int = 0) -> list[Phase]:
-  """The phases ``steps`` plans, in order; raises unless they hold at least
+  """The non-empty phases ``steps`` plans, in order (as :meth:`compose`
+  records them: zero steps record nothing); raises unless they hold at least
   ``minimum`` steps."""
   try:
     pairs = [('', steps)] if hasattr(steps, '__index__') else [
-        (name, count) for name, count in steps]
-    phases = [Phase(noise_multiplier, sampling_prob,
-                    n if isinstance(n, bool) else operator.index(n), name)
-              for name, n in pairs]
-  except (TypeError, ValueError) as error:  # not pairs, or a bad count
+        (name, count if isinstance(count, bool) else operator.index(count))
+        for name, count in steps]
+  except (TypeError, ValueError) as error:  # not pairs, or not int counts
     raise ValueError(f'steps must be an int or (name, steps) pairs, got '
                      f'{steps!r}.') from error
+  phases = [Phase(noise_multiplier, sampling_prob, count, name)
+            for name, count in pairs]
   if sum(p.steps for p in phases) < minimum:
     raise ValueError(f'steps must plan at least {minimum} step(s), got '
                      f'{steps!r}.')
-  return phases
+  return [p for p in phases if p.steps]
 
 
 def _with_composed(phases: Sequence[Phase], new: Phase) -> list[Phase]:

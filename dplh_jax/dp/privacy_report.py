@@ -53,7 +53,7 @@ def make_report(accountant: accounting.PrivacyAccountant, *, dp: bool,
   data (random, or trained on public data only).
 
   ``noise_multiplier``, ``sampling_prob`` and ``steps`` describe the main
-  phase (the last one); ``phases`` lists every phase composed, pre-training
+  phase (the last one; sigma and q are None before the first step); ``phases`` lists every phase composed, pre-training
   included (each with its ``name`` when it has one, e.g.
   ``detection_pretrain`` then ``hyperface``; the name does not enter the
   epsilon), and ``epsilon`` covers all of them. A non-private run has no
@@ -68,14 +68,15 @@ def make_report(accountant: accounting.PrivacyAccountant, *, dp: bool,
             'initialization': initialization,
             'not_covered_by_the_guarantee': ['everything: not trained with DP']}
   phases = accountant.phases
-  last = phases[-1] if phases else accounting.Phase(0.0, 0.0, 0)
+  # Before the first step no phase exists: None, not a sigma of 0 (no noise).
+  last = phases[-1] if phases else None
   return {
       'dp': True,
       'epsilon': accountant.epsilon(delta),
       'delta': delta,
       'accountant': accountant.accountant,
-      'noise_multiplier': last.noise_multiplier,
-      'sampling_prob': last.sampling_prob,
+      'noise_multiplier': last and last.noise_multiplier,
+      'sampling_prob': last and last.sampling_prob,
       'steps': accountant.steps,
       'phases': accountant.to_dict()['phases'],
       'l2_norm_clip': l2_norm_clip,
@@ -101,13 +102,17 @@ def recompute_epsilon(report: dict[str, Any]) -> float:
 
   Each phase is its own ``SelfComposedDpEvent``, in the report's order, as
   the accountant composed them (phase names are labels only); a phase of
-  zero steps releases nothing and is skipped.
+  zero steps releases nothing and is skipped. Each phase is checked as the
+  accountant checks its own (an int ``steps`` >= 0, sigma >= 0, q in [0, 1]),
+  so an edited report raises instead of giving another epsilon.
 
   >>> report = {'accountant': 'rdp', 'delta': 1e-6, 'phases': [
   ...     {'noise_multiplier': 3.0, 'sampling_prob': 0.1, 'steps': 512}]}
   >>> round(recompute_epsilon(report), 3)
   4.051
   """
+  for p in report['phases']:
+    accounting.Phase(**p)  # raises, naming the bad field
   events = [
       dp_accounting.SelfComposedDpEvent(
           dp_accounting.PoissonSampledDpEvent(

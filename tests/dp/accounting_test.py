@@ -89,6 +89,22 @@ def test_edge_cases():
   assert accounting.epsilon(0.0, 0.1, 10, 1e-5) == float('inf')
 
 
+def test_empty_planned_phases_plan_what_compose_records():
+  # Calibration must price the phases compose will record: a zero-step
+  # phase between two of one name records nothing, so they merge.
+  planned = [('main', 100), ('detection_pretrain', 0), ('main', 100)]
+  phases = accounting._planned_phases(1.0, 0.1, planned)  # pylint: disable=protected-access
+  recorded = accounting.PrivacyAccountant('pld')
+  for name, steps in planned:
+    recorded.compose(1.0, 0.1, steps, name)
+  merged = recorded.phases
+  for phase in phases:
+    assert phase.steps > 0
+  assert [(p.name, p.steps) for p in merged] == [('main', 200)]
+  assert recorded.epsilon(1e-5) == accounting.PrivacyAccountant().epsilon_after(
+      1e-5, 1.0, 0.1, planned)
+
+
 def test_zero_steps_record_nothing_and_reports_still_recompute():
   acc = accounting.PrivacyAccountant()
   acc.compose(1.0, 0.1, 10)
@@ -117,6 +133,9 @@ def test_zero_steps_record_nothing_and_reports_still_recompute():
         1e-5, 1.0, 0.1, [('main',)]),
      'steps must be an int or'),
     (lambda: accounting.PrivacyAccountant().compose(1.0, 0.1, -1), 'steps'),
+    # A bad sigma in a plan is named as such, not as a bad steps argument.
+    (lambda: accounting.PrivacyAccountant().epsilon_after(1e-5, -1.0, 0.1, 10),
+     'noise_multiplier must be >= 0'),
     (lambda: accounting.calibrate_noise_multiplier(1e-6, 1e-5, 1.0, 10**4,
                                                    'rdp'),
      'noise_multiplier >'),

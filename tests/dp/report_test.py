@@ -45,3 +45,28 @@ def test_non_private_report_claims_no_epsilon():
                                       dp=False, **_COMMON)
   assert result['dp'] is False and result['epsilon'] is None
   assert result['delta'] is None
+
+
+def test_a_report_before_the_first_step_claims_no_sigma_of_zero():
+  result = privacy_report.make_report(accounting.PrivacyAccountant(),
+                                      dp=True, **_COMMON)
+  assert result['epsilon'] == 0.0 and result['steps'] == 0
+  assert result['noise_multiplier'] is None and result['sampling_prob'] is None
+  assert privacy_report.recompute_epsilon(result) == 0.0
+
+
+@pytest.mark.parametrize('edit, message', [
+    ({'steps': -3}, 'steps must be an int >= 0'),
+    ({'steps': 2.5}, 'steps must be an int >= 0'),
+    ({'steps': True}, 'steps must be an int >= 0'),
+    ({'noise_multiplier': float('nan')}, 'noise_multiplier must be >= 0'),
+    ({'sampling_prob': 1.5}, 'sampling_prob must be in'),
+    ({'name': 5}, 'name must be a str'),
+])
+def test_an_edited_report_is_refused_not_given_another_epsilon(edit, message):
+  acc = accounting.PrivacyAccountant('rdp')
+  acc.compose(1.0, 0.01, 10)
+  report = privacy_report.make_report(acc, dp=True, **_COMMON)
+  report['phases'][0].update(edit)
+  with pytest.raises(ValueError, match=message):
+    privacy_report.recompute_epsilon(report)

@@ -258,7 +258,7 @@ def test_an_edited_checkpoint_record_is_refused(uninterrupted, data_dir,
                      'accountant_steps=3'):
     train.train_and_evaluate(config, workdir)
   # An empty phase added (steps and (sigma, q) unchanged): the train loop
-  # never records one, and recompute_epsilon could not read it.
+  # never records one (compose of zero steps records nothing).
   phases = record['accountant']['phases']
   phases[0]['steps'] = 4
   record['accountant']['phases'] = phases + [dict(phases[0], steps=0)]

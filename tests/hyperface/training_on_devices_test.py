@@ -96,8 +96,12 @@ def test_the_privacy_report_and_config_record_the_layout(runs):
       'num_devices': 1, 'num_processes': 1}
   for workdir, devices in ((four_workdir, 4), (one_workdir, 1)):
     with open(os.path.join(workdir, 'config.json')) as f:
-      run = json.load(f)['run']
+      record = json.load(f)
+    run = record['run']
     assert (run['num_devices'], run['num_processes']) == (devices, 1)
+    # Both ran the levers (every tiny image is clipped at C = 1, so the
+    # per-task groups change the sum: equal params mean equal grouping).
+    assert {k: record['config'][k] for k in LEVERS} == LEVERS
 
 
 def test_params_are_replicated_identically_and_the_step_compiled_once(runs):
