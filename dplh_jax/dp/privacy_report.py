@@ -53,8 +53,8 @@ def make_report(accountant: accounting.PrivacyAccountant, *, dp: bool,
   data (random, or trained on public data only).
 
   ``noise_multiplier``, ``sampling_prob`` and ``steps`` describe the main
-  phase (the last one; sigma and q are None before the first step); ``phases`` lists every phase composed, pre-training
-  included (each with its ``name`` when it has one, e.g.
+  phase (the last one; sigma and q are None before the first step);
+  ``phases`` lists every phase composed, pre-training included (each with its ``name`` when it has one, e.g.
   ``detection_pretrain`` then ``hyperface``; the name does not enter the
   epsilon), and ``epsilon`` covers all of them. A non-private run has no
   guarantee: its ``epsilon`` is None (JSON null), never 0, which would claim
@@ -75,8 +75,8 @@ def make_report(accountant: accounting.PrivacyAccountant, *, dp: bool,
       'epsilon': accountant.epsilon(delta),
       'delta': delta,
       'accountant': accountant.accountant,
-      'noise_multiplier': last and last.noise_multiplier,
-      'sampling_prob': last and last.sampling_prob,
+      'noise_multiplier': None if last is None else last.noise_multiplier,
+      'sampling_prob': None if last is None else last.sampling_prob,
       'steps': accountant.steps,
       'phases': accountant.to_dict()['phases'],
       'l2_norm_clip': l2_norm_clip,
@@ -111,14 +111,8 @@ def recompute_epsilon(report: dict[str, Any]) -> float:
   >>> round(recompute_epsilon(report), 3)
   4.051
   """
-  for p in report['phases']:
-    accounting.Phase(**p)  # raises, naming the bad field
-  events = [
-      dp_accounting.SelfComposedDpEvent(
-          dp_accounting.PoissonSampledDpEvent(
-              p['sampling_prob'],
-              dp_accounting.GaussianDpEvent(p['noise_multiplier'])),
-          p['steps']) for p in report['phases'] if p['steps']]
+  phases = [accounting.Phase(**p) for p in report['phases']]  # checks each
+  events = [p.dp_event() for p in phases if p.steps]
   if report['accountant'] == 'pld':
     acc = dp_accounting.pld.PLDAccountant()
   else:

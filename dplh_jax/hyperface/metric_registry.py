@@ -37,11 +37,11 @@ def privacy_cell(report: dict[str, Any]) -> str:
   """The privacy a run spent, in one table cell."""
   if not report['dp']:
     return 'none (non-private)'
+  spent = (f'epsilon={report["epsilon"]:.3f}, delta={report["delta"]:g} '
+           f'({report["accountant"]})')
   if report['noise_multiplier'] is None:
-    return (f'epsilon={report["epsilon"]:.3f}, delta={report["delta"]:g} '
-            f'({report["accountant"]}), no steps yet')
-  return (f'epsilon={report["epsilon"]:.3f}, delta={report["delta"]:g} '
-          f'({report["accountant"]}), sigma={report["noise_multiplier"]:.3f}, '
+    return f'{spent}, no steps yet'
+  return (f'{spent}, sigma={report["noise_multiplier"]:.3f}, '
           f'q={report["sampling_prob"]:.4g}, steps={report["steps"]}')
 
 

@@ -4,8 +4,8 @@
 
 XLA reads ``--xla_force_host_platform_device_count`` when JAX starts, so
 this runs in its own process (the test's has one device). It trains the
-tiny config with the test's OVERRIDES (JSON) on a 4-device mesh, checks the DP mechanism on the same mesh
-with a linear model whose per-example gradients are known exactly, and
+tiny config with the test's OVERRIDES (JSON) on a 4-device mesh, checks
+the DP mechanism on the same mesh with a linear model whose per-example gradients are known exactly, and
 writes ``OUT_DIR/result.json`` and ``OUT_DIR/params.npz`` for the test to
 assert on.
 """
