@@ -13,61 +13,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
 from dplh_jax.hyperface import config_validation
 from dplh_jax.hyperface import leakage
 from dplh_jax.hyperface import losses
 from dplh_jax.hyperface import model_setup
 from dplh_jax.hyperface import models
-from dplh_jax.hyperface import train_step
-from dplh_jax.hyperface.configs import tiny
 
-NUM_IMAGES, NUM_PROPOSALS = 6, 2
-L2_NORM_CLIP = 0.01  # below every image's gradient norm: all are clipped
+import sensitivity_case as case  # tests/hyperface, on setup.cfg's pythonpath
 
-
-def _config(**overrides):
-  config = tiny.get_config()  # 32 px, 1/32 width, uncertainty weighting
-  config.task_features = 'cross_sec'
-  config.decorrelation_weight = 1.0
-  config.dropout_rate = 0.5  # dropout keyed by image identity, on
-  config.l2_norm_clip = L2_NORM_CLIP
-  config.microbatch_size = None  # one chunk: one compile of the chunk body
-  config.update(overrides)
-  return config
-
-
-CONFIG = _config()
-MODEL, WEIGHTING = model_setup.build_model(CONFIG)
-
-
-@functools.lru_cache(maxsize=None)
-def _params():
-  return model_setup.init_params(CONFIG, MODEL)
-
-
-def _batch(seed=0):
-  rng = np.random.default_rng(seed)
-  b, k, s = NUM_IMAGES, NUM_PROPOSALS, CONFIG.input_size
-  label = np.zeros((b, k), np.int32)
-  label[:, 0] = 1
-  return {
-      'crops': rng.uniform(size=(b, k, s, s, 3)).astype(np.float32),
-      'detection_label': label,
-      'landmarks': rng.uniform(size=(b, k, 21, 2)).astype(np.float32),
-      'visibility': (rng.uniform(size=(b, k, 21)) > 0.3).astype(np.float32),
-      'pose': (0.3 * rng.normal(size=(b, k, 3))).astype(np.float32),
-      'gender': rng.integers(0, 2, (b, k)).astype(np.int32),
-      'has_landmarks': np.ones(b, bool), 'has_pose': np.ones(b, bool),
-      'has_gender': np.ones(b, bool),
-      'image_index': np.array([7, 3, 11, 0, 5, 2], np.int32),
-      'is_padding_example': np.zeros(b, bool),
-  }
+# The shared tiny Cross-SEC case: de-correlation and dropout keyed by image
+# on, C below every image's gradient norm.
+NUM_IMAGES, NUM_PROPOSALS = case.NUM_IMAGES, case.NUM_PROPOSALS
+L2_NORM_CLIP, CONFIG = case.L2_NORM_CLIP, case.CONFIG
+MODEL, WEIGHTING = case.MODEL, case.WEIGHTING
 
 
 def test_the_cross_sec_params_are_the_shared_ones_plus_the_gates():
-  shared, _ = model_setup.build_model(_config(task_features='shared',
+  shared, _ = model_setup.build_model(case.config(task_features='shared',
                                               decorrelation_weight=0.0))
   crops = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   paths = [
@@ -82,20 +45,20 @@ def test_the_cross_sec_params_are_the_shared_ones_plus_the_gates():
   # squeeze, excite and cross Dense (kernel + bias) for each of 5 tasks.
   assert len(extra) == 5 * 3 * 2
   with pytest.raises(ValueError, match='decorrelation_weight.*cross_sec'):
-    config_validation.validate_config(_config(task_features='shared'))
+    config_validation.validate_config(case.config(task_features='shared'))
 
 
 def test_gates_are_per_example():
   """Changing image 1's crops changes its own features and outputs only."""
   features = leakage._feature_fn(MODEL)  # pylint: disable=protected-access
   outputs = jax.jit(functools.partial(models.apply_to_images, MODEL))
-  crops = _batch()['crops']
+  crops = case.batch()['crops']
   changed = crops.copy()
   changed[1] = np.random.default_rng(9).uniform(size=changed[1].shape)
-  before = jax.device_get((features(_params(), crops),
-                           outputs(_params(), crops)))
-  after = jax.device_get((features(_params(), changed),
-                          outputs(_params(), changed)))
+  before = jax.device_get((features(case.params(), crops),
+                           outputs(case.params(), crops)))
+  after = jax.device_get((features(case.params(), changed),
+                          outputs(case.params(), changed)))
   others = np.arange(NUM_IMAGES) != 1
   for path, old in jax.tree_util.tree_leaves_with_path(before):
     new = after
@@ -171,21 +134,6 @@ def test_probe_recovers_a_planted_dependence_and_none_in_independent_data():
       x, rng.normal(size=(n, 12)), groups)['r2'] < 0.03
 
 
-@functools.lru_cache(maxsize=None)
-def _clipped_sum(clipping):
-  spec = train_step.StepSpec.from_config(
-      _config(clipping=clipping), MODEL, WEIGHTING, noise_multiplier=1.0)
-  fn = train_step.clipped_sum_fn(spec)
-
-  def flat_sum(params, batch, rng, padding):
-    clipped, aux = fn(params, batch, rng, is_padding_example=padding)
-    return ravel_pytree(clipped.grad_sum)[0], aux['decorrelation_loss']
-  # Compiling is nearly all of this test's time and the unoptimized CPU
-  # backend compiles in about half of it; the computation (HLO) is the same.
-  return jax.jit(flat_sum,
-                 compiler_options={'xla_backend_optimization_level': 0})
-
-
 def test_a_cross_sec_dp_step_moves_the_clipped_sum_by_at_most_c():
   """The real per-image loss (Cross-SEC, de-correlation on, dropout keyed by
   image) through the train step's clipped sum: removing an image, by
@@ -199,28 +147,21 @@ def test_a_cross_sec_dp_step_moves_the_clipped_sum_by_at_most_c():
   budget); the vmap path (plain autodiff of the same loss) is checked to
   give the same sum on the full batch."""
   assert isinstance(WEIGHTING, losses.Decorrelated)
-  clipped_sum = _clipped_sum('one_pass')
-  batch = _batch(seed=3)
+  clipped_sum = case.clipped_sum('one_pass')
+  batch = case.batch(seed=3)
   batch['crops'][4] *= 1e4  # an extreme image
   rng = jax.random.fold_in(jax.random.key(0), 2)
-  full, decorrelation = clipped_sum(_params(), batch, rng,
+  full, decorrelation = clipped_sum(case.params(), batch, rng,
                                     batch['is_padding_example'])
   assert np.all(np.asarray(decorrelation) > 0)  # the term is in the loss
   full = np.asarray(full, np.float64)
   # Same loss, same clipping: only float32 summation order differs (~3e-6).
-  by_vmap = np.asarray(_clipped_sum('vmap')(
-      _params(), batch, rng, batch['is_padding_example'])[0], np.float64)
+  by_vmap = np.asarray(case.clipped_sum('vmap')(
+      case.params(), batch, rng, batch['is_padding_example'])[0], np.float64)
   assert np.linalg.norm(by_vmap - full) < 1e-4 * np.linalg.norm(full)
-  last = np.arange(NUM_IMAGES) == NUM_IMAGES - 1
   for i in (4, 1):  # the extreme image, an ordinary one
-    masked = batch['is_padding_example'] | (np.arange(NUM_IMAGES) == i)
-    order = [j for j in range(NUM_IMAGES) if j != i] + [i]
-    deleted = {k: v[order] for k, v in batch.items()}
-    for key, value in deleted.items():  # image i's data leaves the batch
-      value[-1] = 0
-    deleted['is_padding_example'] = last
-    moves = [clipped_sum(_params(), batch, rng, masked)[0],
-             clipped_sum(_params(), deleted, rng, last)[0]]
+    moves = [clipped_sum(case.params(), removed, rng, padding)[0]
+             for removed, padding in case.removals(batch, i)]
     for removed in moves:
       distance = np.linalg.norm(full - np.asarray(removed, np.float64))
       assert distance <= L2_NORM_CLIP * (1 + 1e-4), (i, distance)

@@ -7,7 +7,6 @@ phases, recomputes its epsilon from the report and resumes inside the
 pre-training to the same parameters.
 """
 
-import importlib.util
 import json
 import os
 
@@ -27,20 +26,11 @@ from dplh_jax.hyperface import models
 from dplh_jax.hyperface import train
 from dplh_jax.hyperface.configs import tiny
 
-
-def _load_test_module(name):
-  """A sibling test module, for its helpers (tests are not a package)."""
-  spec = importlib.util.spec_from_file_location(
-      f'_{name}', os.path.join(os.path.dirname(__file__), f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+import sensitivity_case as case  # tests/hyperface, on setup.cfg's pythonpath
 
 
-# Its tiny Cross-SEC model (de-correlation, dropout on), batch and jitted
-# one-pass clipped sum of the real per-image loss: the same computation
-# (and XLA cache entry) as its sensitivity test.
-cross_sec_test = _load_test_module('cross_sec_test')
+# The shared tiny Cross-SEC case (de-correlation, dropout on) and its jitted
+# one-pass clipped sum of the real per-image loss.
 OTHER_TASKS = [t for t in models.TASK_NAMES if t != 'detection']
 
 
@@ -52,7 +42,7 @@ def _frozen_leaves(params):
 
 
 def test_the_frozen_params_are_the_other_tasks_heads_weights_and_gates():
-  params = cross_sec_test._params()
+  params = case.params()
   frozen = _frozen_leaves(params)
   assert 'params/log_sigma_sq' in frozen
   for task in OTHER_TASKS:
@@ -69,14 +59,14 @@ def test_pretraining_masks_every_task_but_detection_and_keeps_sensitivity_c():
   heads' and log sigma^2's summed gradients are 0), and removing an image,
   by masking it or by deleting it, moves the clipped sum by at most C (with
   every image clipped, by C)."""
-  clip = cross_sec_test.L2_NORM_CLIP
-  batch = cross_sec_test._batch(seed=5)
+  clip = case.L2_NORM_CLIP
+  batch = case.batch(seed=5)
   batch['crops'][2] *= 1e4  # an extreme image
   batch = jax.tree.map(np.array, detection_pretrain.mask_tasks(
       batch, jnp.bool_(True)))
   assert not batch['has_landmarks'].any() and not batch['has_gender'].any()
-  params = cross_sec_test._params()
-  clipped_sum = cross_sec_test._clipped_sum('one_pass')
+  params = case.params()
+  clipped_sum = case.clipped_sum('one_pass')
   rng = jax.random.fold_in(jax.random.key(0), 1)
   full = np.asarray(clipped_sum(params, batch, rng,
                                 batch['is_padding_example'])[0], np.float64)
@@ -86,15 +76,7 @@ def test_pretraining_masks_every_task_but_detection_and_keeps_sensitivity_c():
                for leaf in jax.tree.leaves(summed[f'{task}_head'])), task
   assert np.all(summed['log_sigma_sq'][1:] == 0)
   assert summed['log_sigma_sq'][0] != 0  # detection's own weight is in it
-  num = len(batch['is_padding_example'])
-  last = np.arange(num) == num - 1
-  i = 2
-  masked = batch['is_padding_example'] | (np.arange(num) == i)
-  order = [j for j in range(num) if j != i] + [i]
-  deleted = {k: v[order].copy() for k, v in batch.items()}
-  for value in deleted.values():  # image i's data leaves the batch
-    value[-1] = 0
-  for removed, padding in ((batch, masked), (deleted, last)):
+  for removed, padding in case.removals(batch, 2):
     moved = np.linalg.norm(full - np.asarray(
         clipped_sum(params, removed, rng, padding)[0], np.float64))
     assert clip * (1 - 1e-3) <= moved <= clip * (1 + 1e-4), moved

@@ -9,8 +9,6 @@ would add more than C, or removing it would move the sum by more.
 """
 
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import numpy as np
@@ -19,17 +17,11 @@ from jax.flatten_util import ravel_pytree
 from dplh_jax.hyperface import model_setup
 from dplh_jax.hyperface import train_step
 
-# The Cross-SEC sensitivity test's tiny config (de-correlation and dropout
-# keyed by image on, C = 0.01: every image is clipped) and batch, loaded by
-# path (the test folders are no packages).
-_SPEC = importlib.util.spec_from_file_location(
-    'cross_sec_test', pathlib.Path(__file__).with_name('cross_sec_test.py'))
-cross_sec_test = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(cross_sec_test)
+import sensitivity_case as case  # tests/hyperface, on setup.cfg's pythonpath
 
 # One group: the tiny model's 3-channel conv1 admits no other count.
-CONFIG = cross_sec_test._config(  # pylint: disable=protected-access
-    group_norm_groups=1)
+# The shared tiny Cross-SEC case (C below every image's gradient norm).
+CONFIG = case.config(group_norm_groups=1)
 C = CONFIG.l2_norm_clip
 TOLERANCE = 1e-4  # float32 sums of a few thousand parameters
 
@@ -47,7 +39,7 @@ def _clipped_sum():
     clipped, _ = fn(params, batch, jax.random.key(2),
                     is_padding_example=padding)
     return ravel_pytree(clipped.grad_sum)[0]
-  # As in cross_sec_test: the unoptimized backend compiles in about half
+  # As in sensitivity_case: the unoptimized backend compiles in about half
   # the time, and the computation (HLO) is the same.
   jitted = jax.jit(flat_sum,
                    compiler_options={'xla_backend_optimization_level': 0})
@@ -56,7 +48,7 @@ def _clipped_sum():
 
 def test_group_norm_images_add_at_most_c_and_removal_moves_at_most_c():
   clipped_sum = _clipped_sum()
-  batch = cross_sec_test._batch(seed=3)  # pylint: disable=protected-access
+  batch = case.batch(seed=3)
   num_images = len(batch['image_index'])
   batch['crops'][4] *= 1e4  # an extreme image
   full = clipped_sum(batch, batch['is_padding_example'])
@@ -64,13 +56,8 @@ def test_group_norm_images_add_at_most_c_and_removal_moves_at_most_c():
   # parameter it moves, GroupNorm's included.
   alone = clipped_sum(batch, np.arange(num_images) != 1)
   assert C * (1 - 1e-3) <= np.linalg.norm(alone) <= C * (1 + TOLERANCE)
-  last = np.arange(num_images) == num_images - 1
   for i in (4, 1):  # the extreme image, an ordinary one
-    masked = batch['is_padding_example'] | (np.arange(num_images) == i)
-    order = [j for j in range(num_images) if j != i] + [i]
-    deleted = {k: v[order].copy() for k, v in batch.items()}
-    for value in deleted.values():  # image i's data leaves the batch
-      value[-1] = 0
-    for removed in (clipped_sum(batch, masked), clipped_sum(deleted, last)):
+    for removed in (clipped_sum(*removal)
+                    for removal in case.removals(batch, i)):
       distance = np.linalg.norm(full - removed)
       assert distance <= C * (1 + TOLERANCE), (i, distance)

@@ -10,9 +10,7 @@ factor for any raw value; the DP train step runs with the groups.
 """
 
 import functools
-import importlib.util
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -30,17 +28,12 @@ from dplh_jax.hyperface import task_weighting
 from dplh_jax.hyperface import train_step
 from dplh_jax.hyperface.configs import tiny
 
-# The Cross-SEC sensitivity test's tiny config (uncertainty weighting,
-# de-correlation and dropout on, C = 0.01), batch and params, loaded by
-# path (the test folders are no packages).
-_SPEC = importlib.util.spec_from_file_location(
-    'cross_sec_test', pathlib.Path(__file__).with_name('cross_sec_test.py'))
-cross_sec_test = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(cross_sec_test)
+import sensitivity_case as case  # tests/hyperface, on setup.cfg's pythonpath
 
+# The shared tiny Cross-SEC case (uncertainty weighting, de-correlation and
+# dropout on, C = 0.01) with both levers on.
 BOUND = 2.0
-CONFIG = cross_sec_test._config(  # pylint: disable=protected-access
-    clip_groups='per_task', task_weight_bound=BOUND)
+CONFIG = case.config(clip_groups='per_task', task_weight_bound=BOUND)
 MODEL, WEIGHTING = model_setup.build_model(CONFIG)
 C = CONFIG.l2_norm_clip
 TOLERANCE = 1e-4  # float32 rounding of the norms and sums, relative
@@ -111,9 +104,8 @@ def test_a_parameter_outside_the_groups_is_refused():
 def _spec(**overrides):
   # No noise: the step's update is then a function of the clipped sum alone.
   return train_step.StepSpec.from_config(
-      cross_sec_test._config(  # pylint: disable=protected-access
-          **{'clip_groups': 'per_task', 'task_weight_bound': BOUND,
-             **overrides}), MODEL, WEIGHTING, noise_multiplier=0.0)
+      case.config(**{'clip_groups': 'per_task', 'task_weight_bound': BOUND,
+                     **overrides}), MODEL, WEIGHTING, noise_multiplier=0.0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,15 +126,13 @@ def _step():
     adam = dp_transform.find_state(state.opt_state, optax.ScaleByAdamState,
                                    'is the optimizer adam?')
     return adam.mu, state.params, metrics
-  # As in cross_sec_test: compiling dominates, the unoptimized CPU backend
+  # As in sensitivity_case: compiling dominates, the unoptimized CPU backend
   # compiles in about half the time, and the computation is the same.
   jitted = jax.jit(clipped_sum_and_metrics,
                    compiler_options={'xla_backend_optimization_level': 0})
 
   def run(batch, padding):
-    mu, params, metrics = jitted(
-        cross_sec_test._params(), batch,  # pylint: disable=protected-access
-        padding)
+    mu, params, metrics = jitted(case.params(), batch, padding)
     scale = spec.expected_batch_size / 0.1  # B / (1 - b1), b1 = 0.9
     return jax.tree.map(lambda m: np.asarray(m, np.float64) * scale,
                         mu), params, metrics
@@ -176,11 +166,10 @@ def test_removing_an_image_moves_the_per_task_clipped_sum_by_at_most_c():
   shares = dict(_spec().clip_norms.norms)
   assert len(shares) == 7 and _spec().clip_norms.total_l2_norm_clip == C
   run = _step()
-  batch = cross_sec_test._batch(seed=3)  # pylint: disable=protected-access
+  batch = case.batch(seed=3)
   num_images = len(batch['image_index'])
   batch['crops'][4] *= 1e4  # an extreme image
   full = _flat(run(batch, batch['is_padding_example'])[0])
-  last = np.arange(num_images) == num_images - 1
   for i in (4, 1):  # the extreme image, an ordinary one
     alone = run(batch, np.arange(num_images) != i)[0]
     # Every group, log_sigma_sq too: the raw weights are inside the clip.
@@ -190,12 +179,7 @@ def test_removing_an_image_moves_the_per_task_clipped_sum_by_at_most_c():
         assert norm >= shares[group] * (1 - TOLERANCE), (i, group, norm)
     contribution = np.linalg.norm(_flat(alone))
     assert contribution <= C * (1 + TOLERANCE), (i, contribution)
-    masked = batch['is_padding_example'] | (np.arange(num_images) == i)
-    order = [j for j in range(num_images) if j != i] + [i]
-    deleted = {k: v[order].copy() for k, v in batch.items()}
-    for value in deleted.values():  # image i's data leaves the batch
-      value[-1] = 0
-    for removed in (run(batch, masked)[0], run(deleted, last)[0]):
+    for removed in (run(*removal)[0] for removal in case.removals(batch, i)):
       distance = np.linalg.norm(full - _flat(removed))
       assert distance <= C * (1 + TOLERANCE), (i, distance)
       assert distance == pytest.approx(contribution, rel=1e-3), i
@@ -206,8 +190,8 @@ def test_the_dp_step_runs_with_the_groups():
   """The step's dp_aggregate is built with the same groups as its clipping
   and takes the sum (it refuses a sum clipped otherwise:
   per_group_clipping_test): the step runs and updates every group."""
-  batch = cross_sec_test._batch()  # pylint: disable=protected-access
-  params = cross_sec_test._params()  # pylint: disable=protected-access
+  batch = case.batch()
+  params = case.params()
   _, new_params, metrics = _step()(batch, batch['is_padding_example'])
   assert float(metrics['clipped_fraction']) == 1.0  # C = 0.01: all clipped
   assert int(metrics['realized_batch_size']) == len(batch['image_index'])
