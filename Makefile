@@ -19,9 +19,13 @@ WORKDIR ?= workdirs/default
 demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(BIN)/dplh-train --config default --workdir $(WORKDIR)
 
-# Whole test suite (doctests of dplh_jax included), CPU only.
+# Whole test suite (doctests of dplh_jax included), CPU only. Compiling is
+# most of its time and one XLA compile uses one core: TEST_WORKERS pytest
+# processes (pytest-xdist), each test file in one of them.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest tests dplh_jax -q
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest tests dplh_jax -q \
+	    -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

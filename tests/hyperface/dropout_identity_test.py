@@ -71,19 +71,13 @@ def _loss_fn():
                            weighting=WEIGHTING)
 
 
-# Compiling is nearly all of these tests' time, and the unoptimized CPU
-# backend compiles in a fraction of it; the computation (HLO) is the same.
-_FAST_COMPILE = {'xla_backend_optimization_level': 0}
-
-
 @functools.lru_cache(maxsize=None)
 def _clipped_sums():
   """Jitted flat clipped sums, (vmap path, one-pass path)."""
   def jitted(clipped_grad_sum):
     fn = clipped_grad_sum(_loss_fn(), L2_NORM_CLIP, has_aux=True)
     return jax.jit(lambda p, b, rng, pad: ravel_pytree(
-        fn(p, b, rng, is_padding_example=pad)[0].grad_sum)[0],
-                   compiler_options=_FAST_COMPILE)
+        fn(p, b, rng, is_padding_example=pad)[0].grad_sum)[0])
   return (jitted(per_example.clipped_grad_sum),
           jitted(one_pass_clipping.clipped_grad_sum))
 
@@ -125,8 +119,8 @@ def test_removing_one_image_moves_the_clipped_sum_by_at_most_c(params, path):
 
 
 def test_dropout_gradient_of_an_image_does_not_depend_on_its_slot(params):
-  grads_fn = jax.jit(per_example.per_example_grads(_loss_fn(), has_aux=True),
-                     compiler_options=_FAST_COMPILE)
+  grads_fn = jax.jit(
+      per_example.per_example_grads(_loss_fn(), has_aux=True))
   rng = jax.random.fold_in(jax.random.key(0), STEP)
   permutation = np.array([5, 2, 0, 4, 1, 3])
   grads, _ = grads_fn(params, _batch(INDICES), rng)

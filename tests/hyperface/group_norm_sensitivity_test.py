@@ -39,10 +39,7 @@ def _clipped_sum():
     clipped, _ = fn(params, batch, jax.random.key(2),
                     is_padding_example=padding)
     return ravel_pytree(clipped.grad_sum)[0]
-  # As in sensitivity_case: the unoptimized backend compiles in about half
-  # the time, and the computation (HLO) is the same.
-  jitted = jax.jit(flat_sum,
-                   compiler_options={'xla_backend_optimization_level': 0})
+  jitted = jax.jit(flat_sum)
   return lambda batch, padding: np.asarray(jitted(batch, padding), np.float64)
 
 

@@ -75,10 +75,7 @@ def clipped_sum(clipping):
   def flat_sum(params_, batch_, rng, padding):
     clipped, aux = fn(params_, batch_, rng, is_padding_example=padding)
     return ravel_pytree(clipped.grad_sum)[0], aux['decorrelation_loss']
-  # Compiling is nearly all of these tests' time and the unoptimized CPU
-  # backend compiles in about half of it; the computation (HLO) is the same.
-  return jax.jit(flat_sum,
-                 compiler_options={'xla_backend_optimization_level': 0})
+  return jax.jit(flat_sum)
 
 
 def removals(batch_, i):

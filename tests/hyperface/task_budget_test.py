@@ -126,10 +126,7 @@ def _step():
     adam = dp_transform.find_state(state.opt_state, optax.ScaleByAdamState,
                                    'is the optimizer adam?')
     return adam.mu, state.params, metrics
-  # As in sensitivity_case: compiling dominates, the unoptimized CPU backend
-  # compiles in about half the time, and the computation is the same.
-  jitted = jax.jit(clipped_sum_and_metrics,
-                   compiler_options={'xla_backend_optimization_level': 0})
+  jitted = jax.jit(clipped_sum_and_metrics)
 
   def run(batch, padding):
     mu, params, metrics = jitted(case.params(), batch, padding)
