@@ -21,11 +21,15 @@ demo: $(STAMP)
 
 # Whole test suite (doctests of dplh_jax included), CPU only. Compiling is
 # most of its time and one XLA compile uses one core: TEST_WORKERS pytest
-# processes (pytest-xdist), each test file in one of them.
+# processes (pytest-xdist), each test file in one of them. The DP core and
+# the doctests run at XLA's default CPU optimization, as users run them; the
+# application at level 0 (conftest.py), which compiles in half the time.
 TEST_WORKERS ?= 2
+PYTEST := JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n $(TEST_WORKERS) \
+    --dist loadfile
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest tests dplh_jax -q \
-	    -n $(TEST_WORKERS) --dist loadfile
+	XLA_FLAGS=--xla_backend_optimization_level=3 $(PYTEST) tests/dp dplh_jax
+	$(PYTEST) tests/hyperface
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

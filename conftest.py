@@ -16,8 +16,11 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 # Compiling is most of the suite's time, and XLA's CPU backend compiles in
-# about half the time without LLVM's optimizations; the computations (the
-# HLO) are the same. Subprocesses inherit it. Set before jax is imported.
+# about half the time without LLVM's optimizations. The HLO is the same, but
+# float32 results can differ in the last ulp (no FMA contraction), so
+# `make test` runs the DP core's tests and doctests at the default level
+# (its XLA_FLAGS wins over this one). Subprocesses inherit it. Set before
+# jax is imported.
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                              + ' --xla_backend_optimization_level=0').strip()
