@@ -57,6 +57,8 @@ _SUMMARY_ONLY = flags.DEFINE_bool('summary_only', False,
 
 # The key of a lever's multipliers of the setting's values (not a field).
 SCALES = 'scale_fields_by'
+# The key of a lever's overrides of the public model's recipe (not a field).
+PUBLIC_RECIPE = 'public_recipe'
 # Each lever alone: config overrides of the default recipe.
 LEVERS = {
     'baseline': {},
@@ -70,6 +72,16 @@ LEVERS = {
     'group_norm_4': {'group_norm_groups': 4},
     'detection_pretrain_1': {'detection_pretrain_epochs': 1.0},
     'public_init': {'init_params_from': 'PUBLIC'},
+    # The same with a fifth of the public training (one epoch, not five):
+    # what fits the demo's budget with the DP run after it.
+    'public_init_1_epoch': {'init_params_from': 'PUBLIC',
+                            PUBLIC_RECIPE: {'num_epochs': 1.0}},
+    # The full public model, then fewer DP epochs at the same epsilon (less
+    # noise per step): public and DP runs together fit the demo's budget.
+    'public_init_dp_2_epochs': {'init_params_from': 'PUBLIC',
+                                SCALES: {'num_epochs': 0.4}},
+    'public_init_dp_3_epochs': {'init_params_from': 'PUBLIC',
+                                SCALES: {'num_epochs': 0.6}},
     # Scale at fixed epsilon and epochs: 4x the setting's expected batch
     # (a quarter of the steps, sigma calibrated anew), at its learning rate
     # and at twice it.
@@ -116,12 +128,15 @@ def _with_setting(config, overrides: dict, seed: int):
 def public_source(overrides: dict, seed: int) -> str:
   """The workdir of the public model with the variant's architecture."""
   shape = {k: overrides[k] for k in _ARCHITECTURE if k in overrides}
+  shape.update(overrides.get(PUBLIC_RECIPE, {}))
   name = 'public_' + ('_'.join(f'{k}-{v}' for k, v in sorted(shape.items()))
                       or 'default') + f'_seed{seed}'
   workdir = os.path.join(_WORKDIR_ROOT.value, _SETTING.value, name)
   if not os.path.exists(os.path.join(workdir, 'privacy_report.json')):
+    start = time.time()
     train.train_and_evaluate(
         _with_setting(public_pretrain.get_config(), shape, seed), workdir)
+    print(f'{name}: {time.time() - start:.0f} s', flush=True)
   return workdir
 
 
@@ -129,6 +144,7 @@ def run_config(overrides: dict, privacy: str, seed: int):
   overrides = dict(overrides)
   if overrides.get('init_params_from') == 'PUBLIC':
     overrides['init_params_from'] = public_source(overrides, seed)
+  overrides.pop(PUBLIC_RECIPE, None)
   config = _with_setting(default.get_config(), overrides, seed)
   if privacy == 'nonprivate':
     config.dp, config.target_epsilon = False, None
