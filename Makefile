@@ -15,9 +15,15 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 # The main job on the embedded default: synthetic faces, DP HyperFace on CPU.
+# First a model trained without DP on public synthetic faces (no image of the
+# private split), then the DP run starting from it (configs/demo.py).
 WORKDIR ?= workdirs/default
+PUBLIC_WORKDIR ?= workdirs/public
 demo: $(STAMP)
-	JAX_PLATFORMS=cpu $(BIN)/dplh-train --config default --workdir $(WORKDIR)
+	JAX_PLATFORMS=cpu $(BIN)/dplh-train --config public_pretrain \
+	    --workdir $(PUBLIC_WORKDIR)
+	JAX_PLATFORMS=cpu $(BIN)/dplh-train --config demo --workdir $(WORKDIR) \
+	    --config.init_params_from=$(PUBLIC_WORKDIR)
 
 # Whole test suite (doctests of dplh_jax included), CPU only. Compiling is
 # most of its time and one XLA compile uses one core: TEST_WORKERS pytest

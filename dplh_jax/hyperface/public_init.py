@@ -50,7 +50,9 @@ def load_source(path: str) -> export.ReleasedModel:
     return export.read_params_file(path)
   raise ValueError(f'config.init_params_from={path!r} does not exist: pass a '
                    'dplh-train workdir or a dplh-export file of a model '
-                   'trained on public data.')
+                   'trained on public data (e.g. dplh-train --config '
+                   f'public_pretrain --workdir {path}), or \'\' for random '
+                   'weights.')
 
 
 def initial_params(config: ml_collections.ConfigDict,

@@ -1,12 +1,14 @@
 """Commands take shipped configs by name from any directory, and say what is
 missing in one line."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
+from dplh_jax.hyperface import config_validation
 from dplh_jax.hyperface import configs
 from dplh_jax.hyperface.configs import tiny as configs_tiny
 from dplh_jax.hyperface.cli import flags_util
@@ -24,6 +26,26 @@ def test_config_names_resolve_to_the_shipped_files_and_paths_stay():
           'prog', '--config', tiny, '--config.seed=3', '--workdir', 'w']
   assert flags_util.resolve_config_names(['prog', '--config=default']) == [
       'prog', f'--config={configs.resolve("default")}']
+
+
+@pytest.mark.parametrize('name', configs.names())
+def test_every_shipped_config_passes_validation(name):
+  config_validation.validate_config(_load(name).get_config())
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, configs.resolve(name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_demo_is_the_default_recipe_from_the_public_model_for_two_epochs():
+  demo, default = (_load(n).get_config().to_dict() for n in ('demo',
+                                                             'default'))
+  changed = {k: (default[k], demo[k]) for k in demo if demo[k] != default[k]}
+  assert changed == {'init_params_from': ('', 'workdirs/public'),
+                     'num_epochs': (default['num_epochs'], 2.0)}
 
 
 def test_train_without_a_config_names_the_shipped_ones(tmp_path):

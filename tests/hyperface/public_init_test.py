@@ -64,7 +64,8 @@ def test_a_source_of_another_model_or_nowhere_is_refused_in_one_line(
     public_init.initial_params(config, model)
   config = _consumer_config(data_dir, str(tmp_path / 'absent'))
   with pytest.raises(ValueError, match='does not exist: pass a dplh-train '
-                     'workdir or a dplh-export file'):
+                     'workdir or a dplh-export file.*--config public_pretrain '
+                     '--workdir .*absent'):
     public_init.initial_params(config, model)
 
 

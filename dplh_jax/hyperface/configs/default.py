@@ -1,4 +1,6 @@
-"""CPU demo: DP HyperFace (small) on synthetic faces, target epsilon 5 at 1e-5.
+"""DP HyperFace (small) on synthetic faces from random weights, target epsilon
+5 at 1e-5: the base recipe every other config overrides. ``make demo`` runs
+it fine-tuned from a public model instead (demo.py).
 
 Run:  dplh-train --config default \
           --workdir workdirs/default
