@@ -230,6 +230,28 @@ class ClipFactors:
                          times_pow2(jnp.ones_like(mantissa), exponent))
     return jnp.where(self.keep, factor, 0.0)
 
+  def largest_contribution_exponent(self) -> jax.Array:
+    """Scalar int32 ``e``: every kept example adds norm below ``2**e`` (0 if
+    none is kept).
+
+    What example ``i`` adds has norm ``min(C, norm_i)`` (``min(1, norm_i /
+    C)`` with ``normalize``). A sum formed in units of ``2**e`` keeps its
+    largest terms near 1, so what flushes to zero is below ``2**-126`` of
+    that: never a large share of one example's own terms (a flushed share
+    of a cancelling sum could add more than its norm).
+    """
+    mantissa, exponent = self.norms
+    clip_exponent = exponent_of(jnp.asarray(self.l2_norm_clip, jnp.float32))
+    own = exponent + exponent_of(mantissa)  # norm < 2**own
+    if self.normalize:
+      own, capped = own - clip_exponent + 1, 1
+    else:
+      capped = clip_exponent
+    per_example = jnp.where(self.clipped, capped, own)
+    largest = jnp.max(jnp.where(self.keep & (mantissa > 0), per_example,
+                                ZERO_EXPONENT), initial=ZERO_EXPONENT)
+    return jnp.where(largest == ZERO_EXPONENT, 0, largest).astype(jnp.int32)
+
   @property
   def scale(self) -> jax.Array:
     """``(n,)`` ``min(1, C / norm_i)`` (``min(1/C, 1/norm_i)`` with
@@ -241,14 +263,16 @@ class ClipFactors:
     """``sum_i scale_i * 2**exponent_i * x_i`` over the leading axis.
 
     Non-kept examples are selected away with ``where`` first, so a NaN in a
-    dropped example cannot reach the sum through ``0 * NaN``; an elementwise
-    product and a reduction, not a dot, so it is float32-exact on every
-    backend (a dot may run in TF32 or bfloat16 on GPUs and TPUs).
+    dropped example cannot reach the sum through ``0 * NaN``. The sum is a
+    :func:`float32_dot` (``Precision.HIGHEST``): float32 arithmetic on every
+    backend, like an elementwise product and reduction, which XLA:CPU runs
+    up to 20x slower for a few dozen examples of a large leaf (BENCHMARKS.md).
     """
     shape = (-1,) + (1,) * (per_example.ndim - 1)
     selected = jnp.where(self.keep.reshape(shape), per_example, 0.0)
-    factor = self.scale_times_pow2(exponent).reshape(shape)
-    return jnp.sum(factor * selected, axis=0)
+    rows = selected.reshape(selected.shape[0], -1)
+    return float32_dot(self.scale_times_pow2(exponent), rows).reshape(
+        per_example.shape[1:])
 
 
 def float32_dot(weights: jax.Array, rows: jax.Array) -> jax.Array:

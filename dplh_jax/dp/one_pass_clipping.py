@@ -133,21 +133,38 @@ def _scaled_rows(a: jax.Array, delta: jax.Array
           clip_norms.times_pow2(delta, -exp_d[..., None]), top)
 
 
+def _example_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(x * 2**-e, e)``, ``e`` per example (leading axis) such that the
+  example's largest magnitude becomes [0.5, 1) (``clip_norms.exponent_of``;
+  exact, a power of two). A NaN/Inf example is left as it is."""
+  exponent = clip_norms.exponent_of(clip_norms.row_peaks([x]))
+  return clip_norms.times_pow2(
+      x, -exponent.reshape((-1,) + (1,) * (x.ndim - 1))), exponent
+
+
 def _matrix_grad(a: jax.Array, delta: jax.Array, to_kernel: Callable,
-                 use_bias: bool) -> _LayerGrad:
+                 use_bias: bool, a_exponent: jax.Array | None = None
+                 ) -> _LayerGrad:
   """Per-example gradient of ``z_t = a_t @ W (+ b)`` from ``(B, T, n)`` inputs
   and ``(B, T, o)`` output gradients; ``to_kernel`` maps ``(n, o)`` to the
-  kernel's layout."""
+  kernel's layout. With ``a_exponent`` (``(B,)`` int32), ``a`` is the input
+  already scaled by ``2**-a_exponent`` (``_example_scaled``)."""
   a, delta = a.astype(jnp.float32), delta.astype(jnp.float32)
   rows, fan_in = a.shape[1:]
   fan_out = delta.shape[2]
-  a_rows, d_rows, top = _scaled_rows(a, delta)
+  prescaled = a_exponent is not None
+  if not prescaled:
+    a_exponent = jnp.zeros(a.shape[:1], jnp.int32)
   if use_bias:
     bias_norm, (bias_grads,), bias_exponent = clip_norms.scaled_norms(
         [jnp.sum(delta, 1)])
 
   if rows * (fan_in + fan_out) < fan_in * fan_out:
-    # Ghost norm: T x T Gram matrices instead of n x o gradients.
+    # Ghost norm: T x T Gram matrices instead of n x o gradients. Rows are
+    # scaled one by one: the Gram sum and its rounding bound must not flush
+    # to zero while the contribution stays large.
+    a_rows, d_rows, top = _scaled_rows(a, delta)
+    top = top + a_exponent
     gram_a = jnp.einsum('btn,bsn->bts', a_rows, a_rows, precision=_HIGHEST)
     gram_d = jnp.einsum('bto,bso->bts', d_rows, d_rows, precision=_HIGHEST)
     ghost = jnp.sum(gram_a * gram_d, axis=(1, 2))
@@ -165,21 +182,41 @@ def _matrix_grad(a: jax.Array, delta: jax.Array, to_kernel: Callable,
     kernel_norm = clip_norms.normalized(bound, top)
 
     def kernel_sum(factors: clip_norms.ClipFactors) -> jax.Array:
+      # In units of the largest contribution (<= C): at C ~ 1e-30 the row
+      # products would be subnormal, and flushing some of one example's T
+      # rows can undo a cancellation among them (|sum| > its bound).
+      unit = factors.largest_contribution_exponent()
       keep = factors.keep[:, None, None]
-      scaled = (factors.scale_times_pow2(top)[:, None, None]
+      scaled = (factors.scale_times_pow2(top - unit)[:, None, None]
                 * jnp.where(keep, d_rows, 0.0))
-      return jnp.einsum('btn,bto->no', jnp.where(keep, a_rows, 0.0), scaled,
-                        precision=_HIGHEST)
+      return clip_norms.times_pow2(
+          jnp.einsum('btn,bto->no', jnp.where(keep, a_rows, 0.0), scaled,
+                     precision=_HIGHEST), unit)
   else:
+    # One power-of-two scale per example, not per row: the norm is that of
+    # the very array added, so whatever flushes to zero is lost from both
+    # (products below 2**-126 of the example's peak input times its peak
+    # output gradient: only a spread past float32's range loses gradient).
+    # The scale keeps the products from overflowing: entries are at most T
+    # in magnitude, times 2**top.
+    if prescaled:
+      a_rows = a
+    else:
+      a_rows, a_exponent = _example_scaled(a)
+    d_rows, d_exponent = _example_scaled(delta)
+    top = a_exponent + d_exponent
     # (B, o, n), not (B, n, o): XLA:CPU runs this contraction 2x faster.
-    # Entries are at most T in magnitude, times 2**top: no overflow.
     grads = jnp.einsum('bto,btn->bon', d_rows, a_rows, precision=_HIGHEST)
     grads_norm, (grads,), exponent = clip_norms.scaled_norms([grads])
     kernel_norm = clip_norms.ScaledNorm(grads_norm.mantissa,
                                         top + grads_norm.exponent)
+    # A finite example whose products all flushed to zero adds nothing; its
+    # unclipped weight 2**(top + exponent) may overflow to inf (inf * 0 = NaN).
+    sum_exponent = jnp.where(grads_norm.mantissa == 0,
+                             clip_norms.ZERO_EXPONENT, top + exponent)
 
     def kernel_sum(factors: clip_norms.ClipFactors) -> jax.Array:
-      return factors.weighted_sum(grads, top + exponent).T
+      return factors.weighted_sum(grads, sum_exponent).T
 
   def part_sums(factors):
     sums = {'kernel': to_kernel(kernel_sum(factors['kernel']))}
@@ -258,6 +295,9 @@ def _conv_grad(module: nn.Conv, a: jax.Array, delta: jax.Array
       module.kernel_size, int) else tuple(module.kernel_size)
   spatial = len(kernel_size)
   num_examples = a.shape[0]
+  # Each example scaled before im2col, not its patches after: the input is
+  # up to prod(window) times smaller.
+  a, a_exponent = _example_scaled(a.astype(jnp.float32))
   images = a.reshape((-1,) + a.shape[-(spatial + 1):])
   patches = _patches(module, kernel_size, images)
   # Patch features are ordered (*window, in_channel), like Flax kernels.
@@ -265,7 +305,8 @@ def _conv_grad(module: nn.Conv, a: jax.Array, delta: jax.Array
   return _matrix_grad(
       patches.reshape(num_examples, -1, patches.shape[-1]),
       delta.reshape(num_examples, -1, delta.shape[-1]),
-      lambda matrix: matrix.reshape(kernel_shape), module.use_bias)
+      lambda matrix: matrix.reshape(kernel_shape), module.use_bias,
+      a_exponent)
 
 
 def _tapped_loss(loss_fn, params, example, args, taps):

@@ -168,6 +168,11 @@ def microbatched(
     if is_padding_example.shape != (n,):
       raise ValueError(f'is_padding_example has shape '
                        f'{is_padding_example.shape}, expected ({n},).')
+    if is_padding_example.dtype != jnp.bool_:
+      # One-pass clipping negates the mask with ~: on 0/1 ints that is -1/-2.
+      raise ValueError(f'is_padding_example has dtype '
+                       f'{is_padding_example.dtype}, expected bool (True for '
+                       'padding): pass mask.astype(bool).')
     m = n if microbatch_size is None else min(microbatch_size, n)
     if m == n:
       # No loop and no padding skip: XLA:CPU runs the body of a scan or a

@@ -98,3 +98,20 @@ def test_huge_finite_gradients_are_clipped_not_dropped():
   clipped = dp_transform.clip_and_sum(grads, 1.0)
   assert _norm(clipped.grad_sum) == pytest.approx(1.0, rel=1e-5)
   assert int(clipped.num_non_finite) == 0 and int(clipped.num_clipped) == 1
+
+
+def test_weighted_sums_are_float32_dots_at_highest_precision():
+  """The one-pass path's clipped sums go through ClipFactors.weighted_sum:
+  a dot that asks for float32 explicitly, so a GPU's TF32 or a TPU's
+  bfloat16 default cannot round a clipped example past C."""
+  norms = clip_norms.normalized(jnp.array([3.0, 0.5]), jnp.zeros(2, jnp.int32))
+  factors = clip_norms.clip_factors(norms, jnp.ones(2, bool),
+                                    jnp.ones(2, bool), 1.0)
+  with jax.default_matmul_precision('bfloat16'):
+    jaxpr = jax.make_jaxpr(factors.weighted_sum)(jnp.ones((2, 3, 4))).jaxpr
+  dots = [e for e in jaxpr.eqns if e.primitive.name == 'dot_general']
+  assert dots and all(
+      e.params['precision'] == (jax.lax.Precision.HIGHEST,) * 2
+      and e.params['preferred_element_type'] == jnp.float32 for e in dots)
+  np.testing.assert_allclose(factors.weighted_sum(jnp.ones((2, 3, 4))),
+                             np.full((3, 4), 1 / 3 + 1), rtol=1e-6)

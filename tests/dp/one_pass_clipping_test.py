@@ -307,3 +307,122 @@ def test_a_loss_that_ignores_its_params_is_refused():
       lambda p, e: jnp.sum(net.apply(params, e) ** 2), 1.0)
   with pytest.raises(ValueError, match='is not read by the loss'):
     clipped(params, x)
+
+
+class _TwoMaterializedLayers(nn.Module):
+  """A conv and a dense layer that both take the materialized branch
+  (rows * (n + o) >= n * o), each reading its own input."""
+
+  @nn.compact
+  def __call__(self, image, rows):
+    return (nn.Conv(4, (3, 3), padding='VALID')(image),  # 16 rows, 18 -> 4
+            nn.Dense(3, use_bias=False)(rows))  # 8 rows, 2 -> 3
+
+
+def test_one_scale_per_example_clips_extreme_magnitudes_to_c():
+  """Rule 9 with one power-of-two scale per example (materialized branch):
+  inputs and output gradients from 1e-30 to 1e30 in one example, products
+  past float32's range (1e20 * 1e20), and inputs and output gradients each
+  near float32's largest (a sum of them overflows unless both are scaled;
+  no bias, whose own gradient would): every example is still clipped to
+  exactly C, none is taken for non-finite, and removing it moves the sum by
+  at most C."""
+  rng = np.random.default_rng(5)
+  net = _TwoMaterializedLayers()
+  image = rng.normal(size=(4, 6, 6, 2))
+  rows = rng.normal(size=(4, 8, 2))
+  out_image = rng.normal(size=(4, 4, 4, 4))
+  out_rows = rng.normal(size=(4, 8, 3))
+  image[1] *= 1e-30
+  image[1, 2, 3, 1] = 1e30  # one huge pixel in a tiny image
+  out_image[1] *= 1e-30
+  rows[2] *= 1e-30  # tiny inputs, huge output gradients
+  out_rows[2] *= 1e30
+  image[3] *= 1e20  # each product overflows float32
+  out_image[3] *= 1e20
+  rows[3] = 3e38 * rng.uniform(-1, 1, size=rows[3].shape)
+  out_rows[3] = 3e38 * rng.uniform(-1, 1, size=out_rows[3].shape)
+  batch = {k: jnp.asarray(v, jnp.float32) for k, v in [
+      ('image', image), ('rows', rows), ('out_image', out_image),
+      ('out_rows', out_rows)]}
+  params = net.init(jax.random.key(0), batch['image'][0], batch['rows'][0])
+
+  def loss(p, e):
+    conv, dense = net.apply(p, e['image'], e['rows'])
+    return jnp.sum(conv * e['out_image']) + jnp.sum(dense * e['out_rows'])
+
+  l2_norm_clip = 1e-3
+  clipped = jax.jit(lambda pad: one_pass_clipping.clipped_grad_sum(
+      loss, l2_norm_clip)(params, batch, is_padding_example=pad))
+  full = clipped(jnp.zeros(4, bool))
+  assert int(full.num_non_finite) == 0
+  assert int(full.num_clipped) == 4
+  for i in range(4):
+    without = clipped(jnp.arange(4) == i)
+    move = np.sqrt(sum(
+        np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64))**2)
+        for a, b in zip(jax.tree.leaves(full.grad_sum),
+                        jax.tree.leaves(without.grad_sum))))
+    assert l2_norm_clip * (1 - 1e-4) <= move <= l2_norm_clip * (1 + 1e-5), (
+        i, move)
+
+
+def _dense_sum(fan_out, x, g, l2_norm_clip, is_padding,
+               path=one_pass_clipping):
+  """Clipped sum (one-pass by default) of ``Dense(fan_out)`` (no bias) under
+  the loss ``sum(layer(x) * g)``: inputs ``x``, output gradients ``g``."""
+  net = nn.Dense(fan_out, use_bias=False)
+  batch = {'x': jnp.asarray(x, jnp.float32), 'g': jnp.asarray(g, jnp.float32)}
+  params = net.init(jax.random.key(0), batch['x'][0])
+  loss = lambda p, e: jnp.sum(net.apply(p, e['x']) * e['g'])
+  out = path.clipped_grad_sum(loss, l2_norm_clip)(
+      params, batch, is_padding_example=jnp.asarray(is_padding))
+  return out, np.asarray(out.grad_sum['params']['kernel'], np.float64)
+
+
+@pytest.mark.parametrize('case', ['input_huge_gradient_zero',
+                                  'disjoint_rows', 'every_product_flushed'])
+def test_an_example_whose_products_all_flush_adds_zero_not_nan(case):
+  """Rules 7 and 9 (materialized branch, 4 rows, 2 -> 3): an example whose
+  scaled per-example gradient is all zero, while its scales multiply past
+  2**127, adds nothing; it once made the whole sum NaN (inf * 0) and was
+  counted as finite."""
+  rng = np.random.default_rng(0)
+  x, g = rng.normal(size=(2, 4, 2)), rng.normal(size=(2, 4, 3))
+  if case == 'input_huge_gradient_zero':
+    x[1], g[1] = 2e38, 0.0
+  elif case == 'disjoint_rows':  # a in row 0, delta in row 1
+    x[1] = g[1] = 0.0
+    x[1, 0], g[1, 1] = 1e19, 1e19
+  else:  # products of 0.1, spread past float32's range within the example
+    x[1, 0], g[1, 0], x[1, 1:], g[1, 1:] = 1e19, 1e-20, 1e-20, 1e19
+  full, with_it = _dense_sum(3, x, g, 1.0, [False, False])
+  _, without = _dense_sum(3, x, g, 1.0, [False, True])
+  assert np.all(np.isfinite(with_it)) and int(full.num_non_finite) == 0
+  assert np.linalg.norm(with_it - without) <= 1.0 + 1e-6
+
+
+def test_ghost_sum_at_the_smallest_clip_norm_is_the_scaled_sum_at_one():
+  """Rule 9 at C = 1e-30 (ghost branch, 16 rows, 1000 -> 1000): one example
+  whose 15 small rows cancel part of its big row. Clipping is linear in C,
+  so what is added at C = 1e-30 must be 1e-30 times what is added at C = 1.
+  Formed at C's scale, the small rows' products (~1e-38) were subnormal and
+  flushed to zero, adding 1.1e-4 relative more than the clipped direction
+  (1.0005 C at 2000 -> 2000, 64 rows)."""
+  x = np.full((1, 16, 1000), -2.0**-17)
+  x[0, -1] = 1.0
+  g = np.ones((1, 16, 1000))
+  _, at_one = _dense_sum(1000, x, g, 1.0, [False])
+  tiny, at_tiny = _dense_sum(1000, x, g, 1e-30, [False])
+  assert int(tiny.num_clipped) == 1
+  assert np.linalg.norm(at_tiny / 1e-30 - at_one) <= 1e-6 * np.linalg.norm(
+      at_one)
+
+
+@pytest.mark.parametrize('path', [one_pass_clipping, per_example])
+def test_a_padding_mask_that_is_not_bool_is_refused(path):
+  """A 0/1 int mask once gave one-pass num_examples = -3 (``~1 == -2``)."""
+  x, g = np.ones((2, 4, 2)), np.ones((2, 4, 3))
+  with pytest.raises(ValueError, match='is_padding_example has dtype int32, '
+                     'expected bool'):
+    _dense_sum(3, x, g, 1.0, np.array([0, 1], np.int32), path)
