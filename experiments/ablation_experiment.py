@@ -82,6 +82,12 @@ LEVERS = {
                                 SCALES: {'num_epochs': 0.4}},
     'public_init_dp_3_epochs': {'init_params_from': 'PUBLIC',
                                 SCALES: {'num_epochs': 0.6}},
+    # DPLH's learned weights on that recipe; the public model learns its own
+    # (task_weighting shapes the params; a bound is refused with a loaded
+    # model, whose weights it is not centred on).
+    'public_init_dp_2_epochs_learned_weights': {
+        'init_params_from': 'PUBLIC', SCALES: {'num_epochs': 0.4},
+        'task_weighting': 'uncertainty'},
     # Scale at fixed epsilon and epochs: 4x the setting's expected batch
     # (a quarter of the steps, sigma calibrated anew), at its learning rate
     # and at twice it.
